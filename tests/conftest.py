@@ -1,0 +1,23 @@
+"""Shared test setup: offline hub, the repository root on sys.path, a tiny Stable Diffusion folder."""
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+import pytest  # noqa: E402
+
+MNIST_DIR = ROOT.parent / "shared" / "data" / "mnist"
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tmp_path_factory) -> Path:
+    """A tiny SD-v1-shaped pipeline folder (same block types as SD v1.4, tiny widths), built once."""
+    from tiny_sd import make_tiny_sd
+
+    return make_tiny_sd(tmp_path_factory.mktemp("tiny_sd"))
