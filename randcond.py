@@ -540,13 +540,13 @@ def relational_kd_loss(
         student_feats, teacher_feats = [student_feats], [teacher_feats]
     total = None
     for s, t in zip(student_feats, teacher_feats, strict=True):
-        s = F.normalize(_pool_tokens(s.float(), max_tokens), dim=-1)  # (B, N, Cs)
-        t = F.normalize(_pool_tokens(t.detach().float(), max_tokens), dim=-1)  # (B, N, Ct)
+        s = F.normalize(_pool_tokens(s.float(), max_tokens), dim=-1).transpose(0, 1)  # (N, B, Cs)
+        t = F.normalize(_pool_tokens(t.detach().float(), max_tokens), dim=-1).transpose(0, 1)  # (N, B, Ct)
         if s.shape[:2] != t.shape[:2]:
             raise ValueError(f"student {tuple(s.shape[:2])} and teacher {tuple(t.shape[:2])} differ in batch or positions")
-        B, N = s.shape[:2]
-        log_ps = F.log_softmax(torch.einsum("bnc,dnc->nbd", s, s) / tau, dim=-1)  # (N, B, B)
-        log_pt = F.log_softmax(torch.einsum("bnc,dnc->nbd", t, t) / tau, dim=-1)
+        N, B = s.shape[:2]
+        log_ps = F.log_softmax(torch.bmm(s, s.transpose(1, 2)) / tau, dim=-1)  # (N, B, B) cosine similarities
+        log_pt = F.log_softmax(torch.bmm(t, t.transpose(1, 2)) / tau, dim=-1)
         term = F.kl_div(log_ps, log_pt, reduction="sum", log_target=True) / (B * B * N)
         total = term if total is None else total + term
     return total

@@ -1,0 +1,528 @@
+"""Tests of the method library: schedules, selector, text pool, distillation losses."""
+import gzip
+import math
+import os
+import pickle
+import socket
+
+import pytest
+import torch
+import torch.nn as nn
+from scipy import stats
+
+import randcond as rc
+
+T = 1000
+
+
+# --- p(t)
+
+
+def _expected(schedule: str, t: int, lam: float) -> float:
+    s = t / T
+    return {
+        "exp": math.exp(-lam * (1 - s)),
+        "sigmoid": 1 / (1 + math.exp(-20 * (s - 0.7))),
+        "two_sided": max(math.exp(-lam * (1 - s)), math.exp(-lam * s)),
+        "constant": lam,
+        "none": 0.0,
+    }[schedule]
+
+
+@pytest.mark.parametrize("schedule,lam", [("exp", 5.0), ("exp", 2.0), ("sigmoid", 5.0), ("two_sided", 5.0), ("constant", 0.3), ("none", 5.0)])
+def test_replace_prob_values(schedule, lam):
+    t = torch.tensor([0, T // 2, T - 1])
+    p = rc.replace_prob(t, T, schedule, lam)
+    assert p.dtype == torch.float32 and p.shape == t.shape
+    for ti, pi in zip(t.tolist(), p.tolist()):
+        assert pi == pytest.approx(_expected(schedule, ti, lam), rel=1e-5, abs=1e-7)
+
+
+def test_replace_prob_published_points():
+    p = rc.replace_prob(torch.tensor([0, 500, 800, 999]))
+    assert p.tolist() == pytest.approx([0.0067, 0.082, 0.37, 0.995], abs=3e-3)  # as quoted, rounded
+
+
+def test_replace_prob_keeps_shape():
+    t = torch.randint(0, T, (3, 4))
+    assert rc.replace_prob(t).shape == (3, 4)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(schedule="cosine"), "exp, sigmoid, two_sided, constant, none"),
+    (dict(schedule="constant", lam=1.5), r"\[0, 1\]"),
+    (dict(schedule="exp", lam=-1.0), ">= 0"),
+])
+def test_replace_prob_rejects_bad_settings(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        rc.replace_prob(torch.tensor([1]), **kwargs)
+
+
+@pytest.mark.parametrize("t", [-1, T])
+def test_replace_prob_rejects_out_of_range_timesteps(t):
+    with pytest.raises(ValueError, match="timesteps"):
+        rc.replace_prob(torch.tensor([t]))
+
+
+def test_mean_swap_rate_exp_lambda5_is_about_20_percent():
+    exact = rc.replace_prob(torch.arange(T)).mean().item()
+    assert exact == pytest.approx((1 - math.exp(-5)) / 5, abs=2e-3)  # integral of exp(-5 (1 - s)) ds
+    g = torch.Generator().manual_seed(0)
+    t = torch.randint(0, T, (200_000,), generator=g)
+    rate = rc.random_condition_mask(t, generator=g).float().mean().item()
+    assert rate == pytest.approx(0.20, abs=0.01)
+
+
+@pytest.mark.parametrize("schedule", ["exp", "sigmoid", "two_sided"])
+def test_empirical_swap_rate_per_band_matches_p(schedule):
+    g = torch.Generator().manual_seed(1)
+    t = torch.randint(0, T, (400_000,), generator=g)
+    mask = rc.random_condition_mask(t, schedule=schedule, generator=g)
+    p = rc.replace_prob(t, schedule=schedule)
+    for lo in range(0, T, 100):  # ten bands of 100 timesteps
+        band = (t >= lo) & (t < lo + 100)
+        n = band.sum().item()
+        expected = p[band].double().mean().item()
+        observed = mask[band].double().mean().item()
+        sigma = math.sqrt(max(expected * (1 - expected), 1e-6) / n)
+        assert abs(observed - expected) < 5 * sigma + 1e-4, (lo, observed, expected)
+
+
+def test_mask_is_reproducible_and_bool():
+    t = torch.randint(0, T, (64,))
+    a = rc.random_condition_mask(t, generator=torch.Generator().manual_seed(3))
+    b = rc.random_condition_mask(t, generator=torch.Generator().manual_seed(3))
+    assert a.dtype == torch.bool and torch.equal(a, b)
+
+
+# --- RandomConditioner
+
+
+def _draw_strings(n=20_000, null_prob=0.1, seed=0):
+    pool = [f"pool prompt {i}" for i in range(10)]
+    cond = rc.RandomConditioner(pool, null_prob=null_prob)
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randint(0, T, (n,), generator=g)
+    own = [f"own caption {i}" for i in range(n)]
+    selected, paired = cond(own, t, generator=g)
+    return pool, own, t, selected, paired
+
+
+def test_strings_paired_flags_mark_exactly_the_replaced_samples():
+    pool, own, t, selected, paired = _draw_strings(null_prob=0.0)
+    assert paired.dtype == torch.bool and paired.shape == (len(own),)
+    for o, s, p in zip(own, selected, paired.tolist()):
+        assert (s == o) == p
+        if not p:
+            assert s in pool
+    # swapped share follows p(t)
+    assert (~paired).float().mean().item() == pytest.approx(rc.replace_prob(t).mean().item(), abs=0.01)
+
+
+def test_strings_null_rate_and_independence_from_replacement():
+    pool, own, t, selected, paired = _draw_strings(n=40_000)
+    null = torch.tensor([s == "" for s in selected])
+    assert null.float().mean().item() == pytest.approx(0.1, abs=0.006)
+    # the null drop leaves paired alone and is independent of it
+    rate_paired = null[paired].float().mean().item()
+    rate_swapped = null[~paired].float().mean().item()
+    assert rate_paired == pytest.approx(0.1, abs=0.01)
+    assert rate_swapped == pytest.approx(0.1, abs=0.015)
+    for o, s, p in zip(own, selected, paired.tolist()):
+        assert s == "" or (s == o) == p
+
+
+def test_strings_draws_are_uniform_over_the_pool():
+    pool, own, t, selected, paired = _draw_strings(n=60_000, null_prob=0.0)
+    counts = [sum(s == q for s in selected) for q in pool]
+    assert sum(counts) == (~paired).sum().item()
+    assert stats.chisquare(counts).pvalue > 1e-3
+
+
+def test_strings_from_a_text_pool_file(tmp_path):
+    path = tmp_path / "pool.txt"
+    path.write_text("alpha\nbeta\n", encoding="utf-8")
+    cond = rc.RandomConditioner(rc.TextPool(path), schedule="constant", lam=1.0, null_prob=0.0)
+    selected, paired = cond(["x"] * 50, torch.zeros(50, dtype=torch.long), generator=torch.Generator().manual_seed(0))
+    assert set(selected) == {"alpha", "beta"} and not paired.any()
+
+
+def test_same_seed_same_selection():
+    a = _draw_strings(n=500, seed=7)
+    b = _draw_strings(n=500, seed=7)
+    c = _draw_strings(n=500, seed=8)
+    assert a[3] == b[3] and torch.equal(a[4], b[4])
+    assert a[3] != c[3]
+
+
+def test_labels_vectorised_flags_nulls_and_uniformity():
+    n, K = 50_000, 10
+    allowed = torch.arange(5, 10)  # disjoint from the own labels, so a swap is visible
+    cond = rc.RandomConditioner(allowed, null_condition=K, null_prob=0.1)
+    g = torch.Generator().manual_seed(0)
+    t = torch.randint(0, T, (n,), generator=g)
+    own = torch.randint(0, 5, (n,), generator=g)
+    selected, paired = cond(own, t, generator=g)
+    assert selected.dtype == torch.long and selected.shape == own.shape
+    null = selected == K
+    assert null.float().mean().item() == pytest.approx(0.1, abs=0.006)
+    kept = ~null
+    assert torch.equal(selected[kept] == own[kept], paired[kept])
+    assert torch.all((selected[kept & ~paired] >= 5) & (selected[kept & ~paired] < 10))
+    counts = torch.bincount(selected[kept & ~paired] - 5, minlength=5).tolist()
+    assert stats.chisquare(counts).pvalue > 1e-3
+    assert null[paired].float().mean().item() == pytest.approx(null[~paired].float().mean().item(), abs=0.015)
+
+
+def test_labels_int_pool_and_reproducibility():
+    cond = rc.RandomConditioner(10, null_condition=10)
+    own = torch.arange(32) % 10
+    t = torch.randint(0, T, (32,), generator=torch.Generator().manual_seed(1))
+    a = cond(own, t, generator=torch.Generator().manual_seed(5))
+    b = cond(own, t, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert a[0].max() <= 10 and a[0].min() >= 0
+
+
+def test_labels_need_a_null_condition():
+    with pytest.raises(ValueError, match="null_condition"):
+        rc.RandomConditioner(10)
+
+
+def test_conditioner_rejects_length_mismatch():
+    with pytest.raises(ValueError, match="timesteps"):
+        rc.RandomConditioner(["a"])(["x", "y"], torch.tensor([1]))
+
+
+# --- TextPool
+
+TRICKY = [
+    "a photo of a cat",
+    "  leading and trailing spaces  ",
+    'quotes "double" and \'single\', commas, and a \\ backslash',
+    "tabs\tinside\tthe line",
+    "unicode: café, naïve, 東京の夜景, emoji 🐱🚀, RTL שלום",
+    "x" * 200_000,  # very long
+    "last line without newline",
+]
+
+
+def _write_pool(path, lines, blank_every=2, crlf=False):
+    nl = "\r\n" if crlf else "\n"
+    body = []
+    for i, line in enumerate(lines):
+        body.append(line)
+        if i % blank_every == 0:
+            body.append("   ")  # whitespace-only lines are blank
+            body.append("")
+    path.write_bytes(nl.join(body).encode("utf-8"))
+    return path
+
+
+@pytest.mark.parametrize("crlf", [False, True])
+def test_text_pool_round_trips_tricky_lines(tmp_path, crlf):
+    pool = rc.TextPool(_write_pool(tmp_path / "pool.txt", TRICKY, crlf=crlf))
+    assert len(pool) == len(TRICKY)
+    assert [pool[i] for i in range(len(pool))] == TRICKY
+    assert pool[-1] == TRICKY[-1]
+    with pytest.raises(IndexError):
+        pool[len(TRICKY)]
+
+
+def test_text_pool_gzip_and_several_files(tmp_path):
+    a = _write_pool(tmp_path / "a.txt", TRICKY[:3])
+    b = tmp_path / "b.txt.gz"
+    with gzip.open(b, "wb") as f:
+        f.write("\n".join(TRICKY[3:]).encode())
+    pool = rc.TextPool([a, b])
+    assert [pool[i] for i in range(len(pool))] == TRICKY
+
+
+def test_text_pool_from_list_skips_blanks():
+    pool = rc.TextPool(["a", "", "  ", "b"])
+    assert len(pool) == 2 and [pool[0], pool[1]] == ["a", "b"]
+
+
+@pytest.mark.parametrize("n,world", [(10, 1), (10, 3), (11, 4), (1000, 7)])
+def test_text_pool_sharding_is_a_partition(tmp_path, n, world):
+    lines = [f"prompt {i}" for i in range(n)]
+    pool = rc.TextPool(_write_pool(tmp_path / "p.txt", lines))
+    parts = [pool.shard(r, world) for r in range(world)]
+    got = [p[i] for p in parts for i in range(len(p))]
+    assert got == lines  # disjoint, covering, in order
+    assert max(len(p) for p in parts) - min(len(p) for p in parts) <= 1
+    sub = parts[-1].shard(0, 1)
+    assert [sub[i] for i in range(len(sub))] == [parts[-1][i] for i in range(len(parts[-1]))]
+
+
+def test_text_pool_shard_rejects_bad_rank(tmp_path):
+    pool = rc.TextPool(["a", "b"])
+    with pytest.raises(ValueError, match="rank"):
+        pool.shard(2, 2)
+    with pytest.raises(ValueError, match="cannot be split"):
+        pool.shard(0, 3)
+
+
+def test_text_pool_sample_is_uniform_and_seeded(tmp_path):
+    pool = rc.TextPool(_write_pool(tmp_path / "p.txt", [f"p{i}" for i in range(8)]))
+    a = pool.sample(16_000, torch.Generator().manual_seed(0))
+    assert a == pool.sample(16_000, torch.Generator().manual_seed(0))
+    counts = [a.count(f"p{i}") for i in range(8)]
+    assert stats.chisquare(counts).pvalue > 1e-3
+
+
+def test_text_pool_index_is_reused_then_rebuilt_on_change(tmp_path):
+    path = _write_pool(tmp_path / "p.txt", ["one", "two"])
+    rc.TextPool(path)
+    index = tmp_path / "p.txt.rcidx"
+    assert index.is_file()
+    first = index.stat()
+    pool = rc.TextPool(path)
+    assert len(pool) == 2
+    second = index.stat()
+    assert (second.st_ino, second.st_mtime_ns) == (first.st_ino, first.st_mtime_ns)  # not rewritten
+    with open(path, "a", encoding="utf-8") as f:
+        f.write("\nthree\nfour")
+    pool = rc.TextPool(path)
+    assert len(pool) == 4 and pool[3] == "four"
+    assert index.stat().st_ino != first.st_ino  # atomically replaced
+
+
+def test_text_pool_cache_dir(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    path = _write_pool(src / "p.txt", ["one", "two"])
+    cache = tmp_path / "cache"
+    pool = rc.TextPool(path, cache_dir=cache)
+    assert len(pool) == 2
+    assert not (src / "p.txt.rcidx").exists() and len(list(cache.glob("*.rcidx"))) == 1
+
+
+def test_text_pool_pickles_for_workers(tmp_path):
+    pool = rc.TextPool(_write_pool(tmp_path / "p.txt", [f"p{i}" for i in range(10)])).shard(1, 2)
+    clone = pickle.loads(pickle.dumps(pool))
+    assert [clone[i] for i in range(len(clone))] == [f"p{i}" for i in range(5, 10)]
+
+
+def test_text_pool_errors_are_one_line_and_name_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.txt"):
+        rc.TextPool(tmp_path / "missing.txt")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n\n")
+    with pytest.raises(ValueError, match="empty.*empty.txt"):
+        rc.TextPool(empty)
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"fine\nalso fine\n\xff\xfe broken\nok\n")
+    with pytest.raises(ValueError, match=r"bad.txt: line 3 is not valid UTF-8") as err:
+        rc.TextPool(bad)
+    assert "\n" not in str(err.value)
+    with pytest.raises(TypeError):
+        rc.TextPool([1, 2])
+
+
+# --- losses
+
+
+def test_output_kd_loss_is_float32_mse():
+    a = torch.randn(2, 4, 8, 8, dtype=torch.bfloat16)
+    b = torch.randn(2, 4, 8, 8, dtype=torch.bfloat16)
+    loss = rc.output_kd_loss(a, b)
+    assert loss.dtype == torch.float32
+    assert loss.item() == pytest.approx(((a.float() - b.float()) ** 2).mean().item(), rel=1e-6)
+
+
+class Block(nn.Module):
+    """Returns a tuple like a diffusers down block."""
+
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, 3, padding=1)
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x))
+        return h, (h,)
+
+
+class Net(nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.down = Block(3, width)
+        self.mid = nn.Conv2d(width, width, 3, padding=1)
+        self.out = nn.Conv2d(width, 3, 1)
+
+    def forward(self, x):
+        h, _ = self.down(x)
+        return self.out(self.mid(h))
+
+
+def _hook_count(*models):
+    return sum(len(m._forward_hooks) for model in models for m in model.modules())
+
+
+def test_feature_distiller_projections_hooks_and_gradients():
+    torch.manual_seed(0)
+    teacher, student = Net(16), Net(8)
+    distiller = rc.FeatureDistiller(teacher, student, ["down", "mid"])
+    x = torch.randn(2, 3, 8, 8)
+    distiller.probe(x)
+    distiller.probe(x)  # idempotent
+    assert set(distiller.proj.keys()) == {"down", "mid"}
+    assert distiller.proj["down"].weight.shape == (16, 8, 1, 1)
+    assert sum(p.numel() for p in distiller.parameters()) == 2 * (16 * 8 + 16)  # only the projections
+    assert _hook_count(teacher, student) == 0
+    with distiller:
+        assert _hook_count(teacher, student) == 4
+        with torch.no_grad():
+            teacher(x)
+        student(x)
+        loss = distiller.loss()
+    assert _hook_count(teacher, student) == 0
+    assert loss.dtype == torch.float32 and loss.item() > 0
+    loss.backward()
+    for p in list(distiller.parameters()) + list(student.parameters())[:2]:
+        assert p.grad is not None and p.grad.abs().sum() > 0
+    assert all(p.grad is None for p in teacher.parameters())
+    # activations are not kept between steps
+    with distiller, pytest.raises(RuntimeError, match="no activation"):
+        distiller.loss()
+
+
+def test_feature_distiller_matches_manual_loss_and_maps_names():
+    torch.manual_seed(0)
+    teacher, student = Net(8), Net(8)
+    distiller = rc.FeatureDistiller(teacher, student, {"mid": "mid", "down": "down"})
+    x = torch.randn(2, 3, 8, 8)
+    with distiller:
+        teacher(x)
+        student(x)
+        loss = distiller.loss()
+    assert len(distiller.proj) == 0
+    t_down, s_down = teacher.down(x)[0], student.down(x)[0]
+    manual = ((s_down - t_down) ** 2).mean() + ((student.mid(s_down) - teacher.mid(t_down)) ** 2).mean()
+    assert loss.item() == pytest.approx(manual.item(), rel=1e-5)
+
+
+def test_feature_distiller_hooks_removed_on_error_and_bad_names():
+    teacher, student = Net(8), Net(4)
+    distiller = rc.FeatureDistiller(teacher, student, ["down"])
+    with pytest.raises(ZeroDivisionError):
+        with distiller:
+            1 / 0
+    assert _hook_count(teacher, student) == 0
+    with pytest.raises(ValueError, match="student has no module named 'nope'"):
+        rc.FeatureDistiller(teacher, student, ["nope"])
+
+
+def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    torch.manual_seed(0)  # same initial weights on every rank
+    teacher, student = Net(16), Net(8)
+    distiller = rc.FeatureDistiller(teacher, student, ["down", "mid"])
+    distiller.probe(torch.randn(1, 3, 8, 8))
+
+    class Trained(nn.Module):  # one module holds every trainable parameter
+        def __init__(self):
+            super().__init__()
+            self.student, self.distiller = student, distiller
+
+        def forward(self, x):
+            return self.student(x)
+
+    model = nn.parallel.DistributedDataParallel(Trained())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(100 + rank)  # different data on each rank
+    for _ in range(3):
+        x = torch.randn(4, 3, 8, 8, generator=g)
+        with distiller:
+            with torch.no_grad():
+                teacher_pred = teacher(x)
+            loss = rc.output_kd_loss(model(x), teacher_pred) + distiller.loss()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    torch.save({k: v for k, v in model.module.state_dict().items()}, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_feature_distiller_under_ddp_keeps_ranks_identical(tmp_path):
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2)
+    a = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    b = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    assert any(k.startswith("distiller.proj.") for k in a)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    torch.manual_seed(0)
+    Net(16)
+    initial = Net(8)
+    assert not torch.equal(a["student.mid.weight"], initial.mid.weight.detach())  # it did train
+
+
+# --- relational loss
+
+
+def test_relational_loss_zero_for_identical_positive_otherwise():
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(6, 16, 8, 8, generator=g)
+    assert rc.relational_kd_loss(t.clone(), t).item() == pytest.approx(0.0, abs=1e-7)
+    s = torch.randn(6, 4, 8, 8, generator=g)  # fewer channels: only B x B relations are compared
+    assert rc.relational_kd_loss(s, t).item() > 0
+    tokens = torch.randn(6, 10, 32, generator=g)  # (B, N, C) features
+    assert rc.relational_kd_loss(tokens, tokens).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_relational_loss_matches_direct_formula():
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(5, 7, 3, generator=g), torch.randn(5, 7, 9, generator=g)
+    B, N = 5, 7
+    total = 0.0
+    for n in range(N):
+        for b in range(B):
+            def row(x):
+                v = x[:, n] / x[:, n].norm(dim=-1, keepdim=True)
+                return torch.softmax(v @ v[b] / 0.5, dim=0)
+            pt, ps = row(t), row(s)
+            total += (pt * (pt.log() - ps.log())).sum().item()
+    expected = total / (B * B * N)
+    assert rc.relational_kd_loss(s, t, tau=0.5).item() == pytest.approx(expected, rel=1e-5)
+
+
+def _saved_bytes(size: int, max_tokens: int = 256):
+    """Bytes autograd keeps for one relational loss at batch 64 on (64, 16, size, size) features,
+    not counting references to the caller's own input."""
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(64, 16, size, size, generator=g, requires_grad=True)
+    t = torch.randn(64, 16, size, size, generator=g)
+    saved = []
+
+    def pack(x):
+        if x.untyped_storage().data_ptr() != s.untyped_storage().data_ptr():
+            saved.append(x.numel() * x.element_size())
+        return x
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        loss = rc.relational_kd_loss(s, t, max_tokens=max_tokens)
+    loss.backward()
+    assert s.grad is not None and s.grad.abs().sum() > 0
+    return sum(saved), s.numel() * s.element_size(), loss, s.detach(), t
+
+
+def test_relational_loss_memory_is_bounded_at_batch_64():
+    saved_64, input_64, loss, s, t = _saved_bytes(64)
+    saved_32, _, _, _, _ = _saved_bytes(32)
+    # pooled to 16 x 16 positions: kept memory does not grow with the feature map, and stays below
+    # the size of one 64x64 feature map
+    assert saved_64 == saved_32
+    assert saved_64 < input_64 * 0.6
+    assert _saved_bytes(32, max_tokens=1024)[0] > 2 * saved_32  # the bound is what caps it
+    pooled = rc.relational_kd_loss(
+        torch.nn.functional.adaptive_avg_pool2d(s, 16), torch.nn.functional.adaptive_avg_pool2d(t, 16)
+    )
+    assert loss.item() == pytest.approx(pooled.item(), rel=1e-5)
