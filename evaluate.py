@@ -277,6 +277,8 @@ class ClipScorer:
     def load(cls, name: str, device: torch.device) -> "ClipScorer":
         from transformers import AutoTokenizer, CLIPModel
         from transformers.utils import cached_file
+        if name.startswith(("/", ".", "~")) and not Path(name).expanduser().is_dir():
+            fail(f"--clip-model {name}: no such folder")
         try:
             model = CLIPModel.from_pretrained(name, torch_dtype=torch.float32).to(device)
             tokenizer = AutoTokenizer.from_pretrained(name)
@@ -428,6 +430,27 @@ def load_reference(ref: str, inception: Optional[nn.Module], batch_size: int, de
     return stats
 
 
+def score(feats: dict[str, Tensor], sets: dict[str, list[int]], metrics: list[str], ref: Optional[dict],
+          is_splits: int) -> dict[str, dict]:
+    """Every metric on every set of image ids ("all" and the subsets), from features extracted once."""
+    if "fid" in metrics and len(ref["mu"]) != feats["pool"].shape[1]:
+        fail(f"the reference has {len(ref['mu'])}-dim statistics, the Inception gives {feats['pool'].shape[1]}")
+    results = {}
+    for name, ids in sets.items():
+        m = {"n": len(ids)}
+        if "fid" in metrics:
+            if len(ids) <= feats["pool"].shape[1]:
+                print(f"warning: FID of '{name}' from {len(ids)} images <= feature dim {feats['pool'].shape[1]} "
+                      f"is biased upwards; compare it only with sets of the same size")
+            m["fid"] = frechet_distance(ref, feats["pool"][ids])
+        if "is" in metrics:
+            m["is_mean"], m["is_std"] = inception_score(feats["logits"][ids], is_splits)
+        if "clip" in metrics:
+            m["clip_score"] = feats["clip"][ids].mean().item()  # raw cosine, the paper's scale
+        results[name] = m
+    return results
+
+
 # -----------------------------------------------------------------------------
 # reporting
 
@@ -531,34 +554,18 @@ def main(argv: Optional[list[str]] = None, inception: Optional[nn.Module] = None
                         clip if "clip" in metrics else None, args.batch_size, device, "features")
         if rank != 0:
             return
-        if ref is not None and len(ref["mu"]) != feats["pool"].shape[1]:
-            fail(f"reference has {len(ref['mu'])}-dim statistics, the Inception gives {feats['pool'].shape[1]}")
 
-        results = {}
-        for name, ids in {"all": list(range(len(prompts))), **subsets}.items():
-            m = {"n": len(ids)}
-            if "fid" in metrics:
-                if len(ids) <= feats["pool"].shape[1]:
-                    print0(f"warning: FID of '{name}' from {len(ids)} images <= feature dim {feats['pool'].shape[1]}: "
-                           f"biased upwards, compare only with sets of the same size")
-                m["fid"] = frechet_distance(ref, feats["pool"][ids])
-            if "is" in metrics:
-                m["is_mean"], m["is_std"] = inception_score(feats["logits"][ids], args.is_splits)
-            if "clip" in metrics:
-                m["clip_score"] = feats["clip"][ids].mean().item()
-            results[name] = m
+        results = score(feats, {"all": list(range(len(prompts))), **subsets}, metrics, ref, args.is_splits)
         report = {
             "name": args.name or Path(args.unet or args.model or args.out_dir).name,
             "metrics": results,
             "protocol": {
-                "generation": json.loads((image_dir.parent / "generation.json").read_text())
-                if (image_dir.parent / "generation.json").is_file() else None,
-                "prompts": args.prompts, "subsets": {k: len(v) for k, v in subsets.items()},
-                "image_size": list(load_rgb(paths[0]).size),
+                "generation": json.loads(record.read_text()) if (record := Path(args.out_dir) / "generation.json").is_file() else None,
+                "prompts": args.prompts, "image_size": list(load_rgb(paths[0]).size),
                 "fid": {"reference": args.ref, "reference_n": int(ref["n"]) if ref is not None and "n" in ref else None,
-                        "features": "torch-fidelity inception-v3-compat pool3 (2048)" if inception is not None else None},
-                "is": {"splits": args.is_splits, "features": "logits_unbiased"},
-                "clip": {"model": args.clip_model if "clip" in metrics else None,
+                        "features": f"{type(inception).__name__} pool (dim {feats['pool'].shape[1]})" if "pool" in feats else None},
+                "is": {"splits": args.is_splits, "features": "logits_unbiased" if "logits" in feats else None},
+                "clip": {"model": args.clip_model if "clip" in feats else None,
                          "scale": "raw cosine (torchmetrics CLIPScore = 100 x max(cosine, 0))"},
             },
             "versions": versions(),

@@ -146,6 +146,39 @@ def test_clip_score_matches_direct_cosine():
     assert got.abs().max() <= 1.0 and got.std() > 0
 
 
+def test_clip_loads_from_a_saved_folder(tmp_path):
+    clip = tiny_clip()
+    clip.model.save_pretrained(tmp_path / "clip")
+    clip.tokenizer.save_pretrained(tmp_path / "clip")
+    images = [Image.new("RGB", (32, 32), c) for c in ("red", "navy")]
+    texts = ["a red cat", "a blue sky"]
+    loaded = evaluate.ClipScorer.load(str(tmp_path / "clip"), torch.device("cpu"))
+    assert loaded.image_size == 24
+    torch.testing.assert_close(loaded(images, texts), clip(images, texts))
+    # the folder's own normalisation wins over the OpenAI defaults
+    (tmp_path / "clip" / "preprocessor_config.json").write_text('{"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}')
+    assert not torch.allclose(evaluate.ClipScorer.load(str(tmp_path / "clip"), torch.device("cpu"))(images, texts),
+                              clip(images, texts))
+
+
+def test_missing_weights_and_libraries_say_how_to_get_them(tmp_path):
+    from huggingface_hub import try_to_load_from_cache
+
+    if not isinstance(try_to_load_from_cache(evaluate.DEFAULT_CLIP, "config.json"), str):  # offline, not cached
+        with pytest.raises(SystemExit, match="^error: cannot load CLIP model laion/.*hf download"):
+            evaluate.ClipScorer.load(evaluate.DEFAULT_CLIP, torch.device("cpu"))
+    with pytest.raises(SystemExit, match="^error: --clip-model /nowhere: no such folder"):
+        evaluate.ClipScorer.load("/nowhere", torch.device("cpu"))
+    try:
+        import torch_fidelity  # noqa: F401
+    except Exception:
+        with pytest.raises(SystemExit, match="^error: FID/IS need torch-fidelity .*pip install torch-fidelity"):
+            evaluate.load_inception(None)
+    else:
+        with pytest.raises(SystemExit, match="^error: --inception-weights .* not found"):
+            evaluate.load_inception(str(tmp_path / "missing.pth"))
+
+
 # -----------------------------------------------------------------------------
 # the command: generation, resume, subsets, reference statistics, compare
 
