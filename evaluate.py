@@ -49,7 +49,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # what to generate
     p.add_argument("--model", help="diffusers pipeline folder or hub id; omit to score the images in --out-dir")
-    p.add_argument("--unet", help="student UNet folder (config.json + weights, or a folder with unet/) swapped into --model")
+    p.add_argument("--unet", help="student UNet folder (save_pretrained, or a folder holding unet/) used in --model")
     p.add_argument("--prompts", help="csv / jsonl with a text column, or txt with one prompt per line")
     p.add_argument("--prompt-column", help="column or key holding the prompt (default: text, caption or prompt)")
     p.add_argument("--num-prompts", type=int, help="use only the first N prompts (quick checks)")
@@ -63,17 +63,20 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=1234, help="prompt i uses seed + i")
     p.add_argument("--batch-size", type=int, default=8, help="per process, generation and feature extraction")
     p.add_argument("--resize", type=int, default=256, help="saved PNG size (0 keeps the generated size)")
-    p.add_argument("--dtype", choices=["auto", "fp16", "bf16", "fp32"], default="auto", help="auto: fp16 on CUDA, fp32 on CPU")
+    p.add_argument("--dtype", choices=["auto", "fp16", "bf16", "fp32"], default="auto",
+                   help="generation dtype; auto: fp16 on CUDA, fp32 on CPU (metrics always run in fp32)")
     # how to score
     p.add_argument("--metrics", default="fid,is,clip", help="comma list of fid, is, clip; 'none' only generates")
     p.add_argument("--ref", help="FID reference: a folder of real images (one size) or a .npz with mu, sigma")
     p.add_argument("--save-ref-stats", help="save the statistics of the --ref folder to this .npz (reuse it as --ref)")
+    p.add_argument("--ref-resize", type=int, default=0,
+                   help="resize each --ref image to SxS first (bicubic, no crop, as BK-SDM prepares val2014); 0: as is")
     p.add_argument("--inception-weights", help="local torch-fidelity Inception file (default: download by name)")
     p.add_argument("--clip-model", default=DEFAULT_CLIP, help="transformers CLIPModel hub id or local folder")
     p.add_argument("--is-splits", type=int, default=10)
     p.add_argument("--subset", action="append", default=[], metavar="NAME=FILE",
                    help="also score the prompts listed in FILE (ids or exact texts, one per line); repeatable")
-    p.add_argument("--compare", nargs="+", metavar="METRICS_JSON", help="print these metrics.json files side by side and exit")
+    p.add_argument("--compare", nargs="+", metavar="METRICS_JSON", help="print metrics.json files side by side, exit")
     return p.parse_args(argv)
 
 
@@ -89,7 +92,7 @@ def setup_ddp() -> tuple[bool, int, int, int, torch.device]:
     ddp = int(os.environ.get("RANK", -1)) != -1
     rank, local_rank, world_size = 0, 0, 1
     if ddp:
-        rank, local_rank, world_size = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+        rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
@@ -130,7 +133,7 @@ def load_prompts(path: str, column: Optional[str] = None) -> list[str]:
         keys = list(rows[0]) if rows else []
         col = column or next((k for k in ("text", "caption", "prompt") if k in keys), None)
         if rows and col not in keys:
-            fail(f"{path} has no column {column or 'text/caption/prompt'} (columns: {', '.join(keys)}); use --prompt-column")
+            fail(f"{path} has no column {column or 'text/caption/prompt'} (it has {', '.join(keys)}); see --prompt-column")
         prompts = [str(r[col]) for r in rows]
     else:
         prompts = [line.strip() for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -217,7 +220,7 @@ def generate(args, prompts: list[str], image_dir: Path, device: torch.device, dt
         old = json.loads(record.read_text())
         changed = [k for k in settings if old.get(k) != settings[k]]
         if changed:
-            fail(f"{image_dir.parent} holds images made with other settings ({', '.join(changed)}); use a new --out-dir")
+            fail(f"{image_dir.parent} holds images made with other settings ({', '.join(changed)}); use another --out-dir")
     # every rank lists the missing images before anyone writes, so all ranks split the same list
     todo = [i for i in range(len(prompts)) if not (image_dir / f"{i:06d}.png").is_file()]
     barrier()
@@ -321,18 +324,21 @@ def load_rgb(path: Path) -> Image.Image:
 
 @torch.no_grad()
 def extract(paths: list[Path], texts: Optional[list[str]], inception: Optional[nn.Module],
-            clip: Optional[ClipScorer], batch_size: int, device: torch.device, desc: str) -> dict[str, Tensor]:
+            clip: Optional[ClipScorer], batch_size: int, device: torch.device, desc: str,
+            resize: int = 0) -> dict[str, Tensor]:
     """Features of this rank's share of paths, gathered on rank 0 in the original order (other ranks get {})."""
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     ids = list(range(rank, len(paths), world_size))
     feats: dict[str, list[Tensor]] = {"pool": [], "logits": [], "clip": []}
-    size = load_rgb(paths[0]).size
+    size = (resize, resize) if resize else load_rgb(paths[0]).size
     for start in tqdm(range(0, len(ids), batch_size), desc=desc, disable=rank != 0):
         batch = ids[start:start + batch_size]
         images = [load_rgb(paths[i]) for i in batch]
+        if resize:
+            images = [im.resize((resize, resize), Image.BICUBIC) for im in images]
         for i, im in zip(batch, images):
             if im.size != size:
-                fail(f"images of mixed sizes: {paths[i]} is {im.size[0]}x{im.size[1]}, {paths[0]} is {size[0]}x{size[1]}")
+                fail(f"images of mixed sizes: {paths[i]} is {im.size}, {paths[0]} is {size} (see --ref-resize)")
         if inception is not None:
             x = torch.from_numpy(np.stack([np.asarray(im) for im in images])).permute(0, 3, 1, 2)  # (B, 3, H, W) uint8
             pool, logits = inception(x.to(device))
@@ -405,7 +411,7 @@ def inception_score(logits: Tensor, splits: int) -> tuple[float, float]:
     return float(mean), float(std)
 
 
-def load_reference(ref: str, inception: Optional[nn.Module], batch_size: int, device: torch.device):
+def load_reference(ref: str, inception: Optional[nn.Module], batch_size: int, device: torch.device, resize: int = 0):
     """A .npz of statistics, or a folder of real images whose statistics are computed here (rank 0 gets them)."""
     path = Path(ref)
     if path.is_file():
@@ -417,7 +423,7 @@ def load_reference(ref: str, inception: Optional[nn.Module], batch_size: int, de
         paths = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not paths:
             fail(f"no images in reference folder {ref}")
-        pool = extract(paths, None, inception, None, batch_size, device, "reference").get("pool")
+        pool = extract(paths, None, inception, None, batch_size, device, "reference", resize).get("pool")
         if pool is None:  # ranks other than 0
             return None
         stats = feature_stats(pool)
@@ -526,7 +532,7 @@ def main(argv: Optional[list[str]] = None, inception: Optional[nn.Module] = None
             inception = load_inception(args.inception_weights).to(device)
         ref = None
         if args.ref and (args.save_ref_stats or "fid" in metrics):
-            ref = load_reference(args.ref, inception, args.batch_size, device)
+            ref = load_reference(args.ref, inception, args.batch_size, device, args.ref_resize)
             if args.save_ref_stats and rank == 0:
                 tmp = Path(args.save_ref_stats + ".tmp.npz")
                 np.savez(tmp, **ref)
@@ -560,10 +566,10 @@ def main(argv: Optional[list[str]] = None, inception: Optional[nn.Module] = None
             "name": args.name or Path(args.unet or args.model or args.out_dir).name,
             "metrics": results,
             "protocol": {
-                "generation": json.loads(record.read_text()) if (record := Path(args.out_dir) / "generation.json").is_file() else None,
+                "generation": json.loads(gen.read_text()) if (gen := image_dir.parent / "generation.json").exists() else None,
                 "prompts": args.prompts, "image_size": list(load_rgb(paths[0]).size),
                 "fid": {"reference": args.ref, "reference_n": int(ref["n"]) if ref is not None and "n" in ref else None,
-                        "features": f"{type(inception).__name__} pool (dim {feats['pool'].shape[1]})" if "pool" in feats else None},
+                        "features": type(inception).__name__ if "pool" in feats else None},
                 "is": {"splits": args.is_splits, "features": "logits_unbiased" if "logits" in feats else None},
                 "clip": {"model": args.clip_model if "clip" in feats else None,
                          "scale": "raw cosine (torchmetrics CLIPScore = 100 x max(cosine, 0))"},

@@ -156,7 +156,8 @@ def test_clip_loads_from_a_saved_folder(tmp_path):
     assert loaded.image_size == 24
     torch.testing.assert_close(loaded(images, texts), clip(images, texts))
     # the folder's own normalisation wins over the OpenAI defaults
-    (tmp_path / "clip" / "preprocessor_config.json").write_text('{"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}')
+    config = {"image_mean": [0.5] * 3, "image_std": [0.5] * 3}
+    (tmp_path / "clip" / "preprocessor_config.json").write_text(json.dumps(config))
     assert not torch.allclose(evaluate.ClipScorer.load(str(tmp_path / "clip"), torch.device("cpu"))(images, texts),
                               clip(images, texts))
 
@@ -262,6 +263,18 @@ def test_reference_stats_file_and_compare(tmp_path, capsys):
         (tmp_path / f"m{i}.json").write_bytes((tmp_path / "eval" / "metrics.json").read_bytes())
         fids.append(json.loads((tmp_path / f"m{i}.json").read_text())["metrics"]["all"]["fid"])
     assert fids[0] == pytest.approx(fids[1], rel=1e-9)
+    # --ref-resize: real images of any size, resized on the fly like images resized beforehand
+    mixed = random_images(tmp_path / "mixed", 12, size=(40, 30))
+    for p in random_images(tmp_path / "tall", 12, size=(20, 50), seed=3).iterdir():
+        p.rename(mixed / f"tall{p.name}")
+    resized = tmp_path / "resized"
+    resized.mkdir()
+    for p in mixed.iterdir():
+        Image.open(p).resize((32, 32), Image.BICUBIC).save(resized / p.name)
+    run(["--ref", mixed, "--ref-resize", "32", "--save-ref-stats", tmp_path / "a.npz"], inception=inception)
+    run(["--ref", resized, "--save-ref-stats", tmp_path / "b.npz"], inception=inception)
+    with np.load(tmp_path / "a.npz") as a, np.load(tmp_path / "b.npz") as b:
+        assert int(a["n"]) == 24 and np.allclose(a["sigma"], b["sigma"], rtol=0, atol=1e-12)
     capsys.readouterr()
     run(["--compare", tmp_path / "m0.json", tmp_path / "m1.json"])
     out = capsys.readouterr().out.splitlines()
@@ -289,7 +302,8 @@ def test_bad_inputs(tiny_sd, tmp_path, prompt_file):
         "no prompts in": ["--prompts", tmp_path / "empty.txt", "--out-dir", tmp_path / "o"],
         "5 images; a 8-dim covariance needs more than 8": ["--ref", small, "--save-ref-stats", tmp_path / "s.npz"],
         "mixed sizes": ["--ref", mixed, "--save-ref-stats", tmp_path / "s.npz"],
-        "has no unet/ folder": ["--model", no_unet, "--prompts", prompt_file, "--out-dir", tmp_path / "o", "--ref", ref],
+        "has no unet/ folder": ["--model", no_unet, "--prompts", prompt_file, "--out-dir", tmp_path / "o",
+                                "--ref", ref],
         "no UNet config.json": ["--model", tiny_sd, "--unet", tmp_path, "--prompts", prompt_file,
                                 "--out-dir", tmp_path / "o", "--metrics", "none"],
         "6 of 6 images missing": ["--prompts", prompt_file, "--out-dir", tmp_path / "o2", "--metrics", "is"],
