@@ -339,7 +339,7 @@ def encode_shard(items, kind, teacher_parts, args, resolution, dtype, device, st
                 s = min(img.size)  # center crop to a square, then resize
                 left, top = (img.width - s) // 2, (img.height - s) // 2
                 img = img.crop((left, top, left + s, top + s)).resize((resolution, resolution), Image.BICUBIC)
-                pixels.append(torch.from_numpy(np.asarray(img)).permute(2, 0, 1))
+                pixels.append(torch.from_numpy(np.array(img)).permute(2, 0, 1))  # (3, H, W) uint8
             x = torch.stack(pixels).to(device, dtype) / 127.5 - 1  # (B, 3, H, W) in [-1, 1]
             # the posterior mean: its std is tiny for SD's VAE, and a cache should not freeze one noise draw
             latents = vae.encode(x).latent_dist.mean * vae.config.scaling_factor
@@ -535,13 +535,12 @@ def _train(args, ddp, rank, world_size, device) -> None:
     print0(f"paired data: {len(cache)} cached latents {latent_shape} from {cache.meta['source']}")
     if args.max_steps == 0:
         return
-    for f in args.text_pool:
-        if not Path(f).is_file():
-            raise SystemExit(f"error: --text-pool file not found: {f}")
     try:
+        for f in args.text_pool:  # each file on its own, so an empty or wrong one is not hidden by the rest
+            TextPool(Path(f))
         pool = TextPool([data / "captions.txt"] + [Path(f) for f in args.text_pool]).shard(rank, world_size)
-    except ValueError as e:
-        raise SystemExit(f"error: text pool: {e}")
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: --text-pool: {e}")
     print0(f"text pool: {len(pool) * world_size} prompts (~{len(pool)} on each of {world_size} ranks)")
     conditioner = RandomConditioner(pool, noise_scheduler.config.num_train_timesteps,
                                     schedule=args.rc_schedule if args.random_conditioning else "none",

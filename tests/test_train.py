@@ -1,0 +1,341 @@
+"""train.py on a tiny SD-v1-shaped teacher: students, latent cache, training on 1 and 2 processes,
+kill-and-resume, export, and every bad input the trainer promises to reject cleanly."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = [
+    "a red cat on the sea", "a blue car in the city", "a photo of a dog with a man",
+    "a painting of a small house in the forest", "a big tree on a mountain at night", "a white bird in the sky",
+    "a green field with flowers", "a woman and a child on the street",
+]
+# one thread per process: the tiny models are all overhead, and the CI machine has two shared cores
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+FAST = ["--resolution", "64", "--gen-steps", "2", "--batch-size", "2", "--total-batch-size", "4",
+        "--validate-every", "0", "--log-every", "1", "--no-gradient-checkpointing"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def texts(tmp_path_factory) -> tuple[Path, Path]:
+    d = tmp_path_factory.mktemp("texts")
+    (d / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    (d / "pool.txt").write_text("a horse in the snow\na boat on the river\nthe moon over the city\n")
+    return d / "prompts.txt", d / "pool.txt"
+
+
+@pytest.fixture(scope="module")
+def cache(tiny_sd, texts, tmp_path_factory) -> Path:
+    """An image-free latent cache built by train.py itself (--max-steps 0 builds and stops)."""
+    data = tmp_path_factory.mktemp("cache") / "data"
+    run_inproc(tiny_sd, data, tmp_path_factory.mktemp("out0"), "--prompts", str(texts[0]), "--shard-size", "3",
+               "--max-steps", "0")
+    return data
+
+
+def run_inproc(teacher, data, out, *extra):
+    args = ["--teacher", str(teacher), "--data", str(data), "--output-dir", str(out), *FAST, *extra]
+    train.train(train.parse_args(args))
+
+
+def cmd(teacher, data, out, *extra) -> list[str]:
+    return [sys.executable, str(ROOT / "train.py"), "--teacher", str(teacher), "--data", str(data),
+            "--output-dir", str(out), *FAST, *extra]
+
+
+def error_of(teacher, data, out, *extra) -> str:
+    with pytest.raises(SystemExit) as e:
+        run_inproc(teacher, data, out, *extra)
+    msg = str(e.value.code)
+    assert msg.startswith("error: ") and "\n" not in msg, msg
+    return msg
+
+
+# -----------------------------------------------------------------------------
+# students
+
+SD14_UNET = {  # CompVis/stable-diffusion-v1-4 unet/config.json
+    "act_fn": "silu", "attention_head_dim": 8, "block_out_channels": [320, 640, 1280, 1280],
+    "center_input_sample": False, "cross_attention_dim": 768,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "downsample_padding": 1, "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": 4, "layers_per_block": 2,
+    "mid_block_scale_factor": 1, "norm_eps": 1e-05, "norm_num_groups": 32, "out_channels": 4, "sample_size": 64,
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+}
+# UNet parameters in billions, REFERENCE.md (BK-SDM / the paper); c_* are given as approximate there
+PUBLISHED = {"teacher": 0.86, "bk_base": 0.58, "bk_small": 0.49, "bk_tiny": 0.33,
+             "c_base": 0.55, "c_small": 0.43, "c_tiny": 0.31, "c_micro": 0.22}
+
+
+def meta_unet(cfg):
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):  # shapes only: an 860M model in no memory and no time
+        return UNet2DConditionModel.from_config(cfg)
+
+
+@pytest.mark.parametrize("name", train.STUDENTS)
+def test_student_sizes_match_the_published_ones_at_sd14_scale(name):
+    n = sum(p.numel() for p in meta_unet(train.student_config(SD14_UNET, name)).parameters()) / 1e9
+    tol = 0.02 if name.startswith("bk_") else 0.05
+    assert abs(n - PUBLISHED[name]) <= tol, (name, n)
+    assert abs(sum(p.numel() for p in meta_unet(SD14_UNET).parameters()) / 1e9 - PUBLISHED["teacher"]) < 0.01
+
+
+def test_width_students_of_sd2_keep_heads_that_divide():
+    sd2 = {**SD14_UNET, "attention_head_dim": [5, 10, 20, 20], "cross_attention_dim": 1024,
+           "use_linear_projection": True, "sample_size": 96}
+    for name in ("c_base", "c_small", "c_tiny", "c_micro"):
+        cfg = train.student_config(sd2, name)
+        assert all(w % h == 0 for w, h in zip(cfg["block_out_channels"], cfg["attention_head_dim"]))
+        meta_unet(cfg)  # builds
+    tiny = train.student_config(sd2, "bk_tiny")
+    assert tiny["attention_head_dim"] == [5, 10, 20] and tiny["block_out_channels"] == [320, 640, 1280]
+
+
+@pytest.mark.parametrize("name", train.STUDENTS)
+def test_students_of_the_tiny_teacher(tiny_sd, name):
+    from diffusers import UNet2DConditionModel
+
+    teacher = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet")
+    student, layers = train.build_student(teacher, name, None)
+    n_t, n_s = (sum(p.numel() for p in m.parameters()) for m in (teacher, student))
+    assert 0.2 * n_t < n_s < n_t
+    x, t, ehs = torch.randn(2, 4, 8, 8), torch.tensor([10, 900]), torch.randn(2, 16, 32)
+    assert student(x, t, ehs).sample.shape == x.shape
+    t_state, s_state = teacher.state_dict(), student.state_dict()
+    if name.startswith("bk_"):
+        assert all(len(b.resnets) == 1 for b in student.down_blocks)
+        assert all(len(b.resnets) == 2 for b in student.up_blocks)
+        assert (student.mid_block is None) == (name != "bk_base")
+        assert len(student.down_blocks) == (3 if name == "bk_tiny" else 4)
+        # the published mapping, spelled out: up stages keep layers 0 and 2; bk_tiny's up stage k is the teacher's k+1
+        up = 1 if name == "bk_tiny" else 0
+        pairs = {"down_blocks.0.resnets.0.conv1.weight": "down_blocks.0.resnets.0.conv1.weight",
+                 "down_blocks.1.attentions.0.proj_in.weight": "down_blocks.1.attentions.0.proj_in.weight",
+                 "up_blocks.1.resnets.0.conv2.weight": f"up_blocks.{1 + up}.resnets.0.conv2.weight",
+                 "up_blocks.1.resnets.1.conv1.weight": f"up_blocks.{1 + up}.resnets.2.conv1.weight",
+                 "up_blocks.2.attentions.1.proj_out.weight": f"up_blocks.{2 + up}.attentions.2.proj_out.weight",
+                 "conv_out.weight": "conv_out.weight"}
+        for s, t in pairs.items():
+            assert torch.equal(s_state[s], t_state[t]), s
+        # and every student tensor comes from some teacher tensor of the same shape
+        for k, v in s_state.items():
+            assert torch.equal(v, t_state[train.teacher_name(k, name)]), k
+    else:
+        scale = train.C_WIDTHS[name] / 320
+        assert all(abs(s - t * scale) <= 8 for s, t in zip(student.config.block_out_channels, teacher.config.block_out_channels))
+        assert not torch.equal(s_state["conv_in.weight"][:1], t_state["conv_in.weight"][:1, :, :, :])
+        with pytest.raises(SystemExit, match="--init random"):
+            train.build_student(teacher, name, "teacher")
+    # every hooked layer exists in both models
+    for s, t in layers.items():
+        student.get_submodule(s), teacher.get_submodule(t)
+
+
+def test_feature_kd_layers_give_matching_shapes_for_bk_tiny(tiny_sd):
+    from diffusers import UNet2DConditionModel
+
+    from randcond import FeatureDistiller
+
+    teacher = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet")
+    student, layers = train.build_student(teacher, "bk_tiny", None)
+    distiller = FeatureDistiller(teacher, student, layers)
+    distiller.probe(torch.randn(2, 4, 8, 8), torch.tensor([3, 500]), torch.randn(2, 16, 32))
+    assert len(distiller.proj) == 0 and len(layers) == 6
+
+
+# -----------------------------------------------------------------------------
+# latent cache
+
+
+def test_image_free_cache_holds_the_teachers_latents(tiny_sd, cache):
+    from diffusers import StableDiffusionPipeline
+
+    meta = json.loads((cache / "meta.json").read_text())
+    assert meta["num_samples"] == 8 and meta["num_shards"] == 3 and meta["latent_shape"] == [4, 8, 8]
+    assert sorted(p.name for p in cache.glob("latents-*.npy")) == [f"latents-0000{k}.npy" for k in range(3)]
+    lc = train.LatentCache(cache)
+    assert lc.captions == PROMPTS
+    lat, caps = lc.get(np.array([5, 0, 7]))
+    assert lat.shape == (3, 4, 8, 8) and caps == [PROMPTS[5], PROMPTS[0], PROMPTS[7]]
+    # the stored latent is the teacher's own sample for that prompt and its fixed seed (seed + index)
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd)
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe([PROMPTS[5]], height=64, width=64, num_inference_steps=2, guidance_scale=7.5,
+               generator=[torch.Generator().manual_seed(1234 + 5)], output_type="latent").images
+    torch.testing.assert_close(lat[0].float(), ref[0], atol=2e-3, rtol=2e-3)
+    assert (cache / "captions.txt").read_text().splitlines() == PROMPTS
+
+
+def test_cache_build_resumes_keeping_finished_shards(tiny_sd, texts, tmp_path):
+    data = tmp_path / "data"
+    run_inproc(tiny_sd, data, tmp_path / "o", "--prompts", str(texts[0]), "--shard-size", "3", "--max-steps", "0")
+    first = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in data.glob("latents-*.npy")}
+    (data / "meta.json").unlink()  # as if the build died before its end ...
+    (data / "latents-00001.npy").unlink()  # ... with one shard unfinished
+    run_inproc(tiny_sd, data, tmp_path / "o", "--prompts", str(texts[0]), "--shard-size", "3", "--max-steps", "0")
+    for name in ("latents-00000.npy", "latents-00002.npy"):
+        assert (data / name).stat().st_mtime_ns == first[name][0]  # kept, not rewritten
+    assert (data / "latents-00001.npy").read_bytes() == first["latents-00001.npy"][1]  # rebuilt identically
+
+
+def test_cache_from_captioned_images(tiny_sd, tmp_path):
+    from diffusers import AutoencoderKL
+    from PIL import Image
+
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    rng = np.random.default_rng(0)
+    rows = []
+    for i, (w, h) in enumerate([(96, 64), (64, 80), (64, 64)]):
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(imgs / f"{i}.png")
+        rows.append({"file_name": f"{i}.png", "text": PROMPTS[i]})
+    (imgs / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    run_inproc(tiny_sd, tmp_path / "data", tmp_path / "o", "--images", str(imgs), "--max-steps", "0")
+    lc = train.LatentCache(tmp_path / "data")
+    lat, caps = lc.get(np.arange(3))
+    assert caps == PROMPTS[:3] and lat.shape == (3, 4, 8, 8)
+    vae = AutoencoderKL.from_pretrained(tiny_sd, subfolder="vae")  # image 2 is square: no crop, no resize
+    x = torch.from_numpy(np.asarray(Image.open(imgs / "2.png"))).permute(2, 0, 1)[None].float() / 127.5 - 1
+    ref = vae.encode(x).latent_dist.mean * vae.config.scaling_factor
+    torch.testing.assert_close(lat[2:].float(), ref, atol=2e-3, rtol=2e-3)
+
+
+# -----------------------------------------------------------------------------
+# training, export
+
+
+def test_train_one_process_with_projections_and_export(tiny_sd, cache, texts, tmp_path):
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    out = tmp_path / "out"
+    run_inproc(tiny_sd, cache, out, "--student", "c_small", "--text-pool", str(texts[1]), "--max-steps", "3",
+               "--lambda-task", "1", "--lambda-rel", "1", "--checkpoint-every", "2", "--validate-every", "3",
+               "--validation-steps", "2")
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3]
+    for key in ("loss_kd_out", "loss_kd_feat", "loss_task", "loss_rel"):
+        assert all(r[key] > 0 and np.isfinite(r[key]) for r in log), key
+    for r in log:  # the logged total is the weighted sum of the logged terms (lambdas all 1 here)
+        assert r["loss"] == pytest.approx(r["loss_kd_out"] + r["loss_kd_feat"] + r["loss_task"] + r["loss_rel"], rel=1e-5)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000002.pt", "step-0000003.pt"]
+    assert (out / "samples" / "step-0000003.png").is_file()
+    ckpt = torch.load(out / "checkpoints" / "step-0000003.pt", weights_only=True)
+    assert any(k.startswith("distiller.proj.") for k in ckpt["model"])  # projections trained ...
+    exported = load_file(out / "unet_no_ema" / "diffusion_pytorch_model.safetensors")
+    assert not any("proj." in k and k.startswith("distiller") for k in exported)  # ... and dropped at export
+    trained = {k[len("unet."):]: v for k, v in ckpt["model"].items() if k.startswith("unet.")}
+    assert exported.keys() == trained.keys() and all(torch.equal(exported[k], trained[k]) for k in exported)
+    init = UNet2DConditionModel.from_config(train.student_config(UNet2DConditionModel.load_config(tiny_sd / "unet"), "c_small"))
+    assert init.state_dict().keys() == exported.keys()
+
+    pipe = StableDiffusionPipeline.from_pretrained(out)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.unet.config.block_out_channels == init.config.block_out_channels
+    image = pipe("a red cat", height=64, width=64, num_inference_steps=2, output_type="np").images
+    assert image.shape == (1, 64, 64, 3) and np.isfinite(image).all()
+    ema = load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
+    assert not all(torch.equal(ema[k], exported[k]) for k in ema)  # unet/ holds the EMA weights
+
+
+def test_kill_and_resume_gives_the_uninterrupted_weights(tiny_sd, cache, texts, tmp_path):
+    common = ["--student", "bk_small", "--text-pool", str(texts[1]), "--checkpoint-every", "2"]
+    full = tmp_path / "full"
+    run_inproc(tiny_sd, cache, full, *common, "--max-steps", "6")  # in this process: one start-up less
+
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen(cmd(tiny_sd, cache, cut, *common, "--max-steps", "1000"), env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not list((cut / "checkpoints").glob("step-*.pt")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    kept = sorted((cut / "checkpoints").glob("step-*.pt"))
+    assert kept and int(kept[-1].stem[5:]) < 6 and not (cut / "unet").exists()
+    subprocess.run(cmd(tiny_sd, cache, cut, *common, "--max-steps", "6", "--resume"), env=ENV, check=True,
+                   capture_output=True)
+    for sub in ("unet", "unet_no_ema"):
+        a = load_file(full / sub / "diffusion_pytorch_model.safetensors")
+        b = load_file(cut / sub / "diffusion_pytorch_model.safetensors")
+        assert all(torch.equal(a[k], b[k]) for k in a), sub
+    steps = [json.loads(line)["step"] for line in (cut / "log.jsonl").read_text().splitlines()]
+    assert steps[-1] == 6
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_end_with_identical_weights(tiny_sd, cache, texts, tmp_path):
+    out = tmp_path / "ddp"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    args = cmd(tiny_sd, cache, out, "--student", "c_tiny", "--text-pool", str(texts[1]), "--max-steps", "3",
+               "--total-batch-size", "8", "--no-ema")[1:]
+    r = subprocess.run(torchrun + args, env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "student weights identical on all 2 ranks" in r.stdout  # all_gather of per-tensor sums, exact
+    assert "2 processes x batch 2 x 2 accumulation = 8" in r.stdout
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in log] == [1, 2, 3] and all(np.isfinite(x["loss"]) for x in log)
+    assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    # the checkpoint holds the projections that DDP kept in step
+    ckpt = torch.load(out / "checkpoints" / "step-0000003.pt", weights_only=True)
+    assert ckpt["world_size"] == 2 and any(k.startswith("distiller.proj.") for k in ckpt["model"])
+
+
+# -----------------------------------------------------------------------------
+# bad input: a one-line error naming what to change, and nothing already written is touched
+
+
+def test_bad_inputs_give_one_line_errors(tiny_sd, cache, texts, tmp_path):
+    out = tmp_path / "o"
+    assert "unknown --student 'bk_huge'" in error_of(tiny_sd, cache, out, "--student", "bk_huge", "--max-steps", "1")
+    no_unet = tmp_path / "no_unet"
+    (no_unet / "vae").mkdir(parents=True)
+    assert "has no diffusers UNet" in error_of(no_unet, cache, out, "--max-steps", "1")
+    assert "pass --prompts FILE or --images DIR" in error_of(tiny_sd, tmp_path / "nodata", out)
+    (tmp_path / "empty.txt").write_text("\n\n")
+    assert "has no prompt" in error_of(tiny_sd, tmp_path / "d2", out, "--prompts", str(tmp_path / "empty.txt"))
+    assert "text pool file not found" in error_of(tiny_sd, cache, out, "--text-pool", str(tmp_path / "missing.txt"), "--max-steps", "1")
+    assert "text pool is empty" in error_of(tiny_sd, cache, out, "--text-pool", str(tmp_path / "empty.txt"), "--max-steps", "1")
+    msg = error_of(tiny_sd, cache, out, "--resolution", "128", "--max-steps", "1")
+    assert "(4, 8, 8)" in msg and "(4, 16, 16)" in msg and "--resolution 64" in msg
+    assert "not a multiple of --batch-size" in error_of(tiny_sd, cache, out, "--total-batch-size", "6", "--batch-size", "4")
+    assert "no checkpoint" in error_of(tiny_sd, cache, tmp_path / "fresh", "--resume", "--max-steps", "1")
+    before = sorted(p.name for p in cache.iterdir())
+    assert json.loads((cache / "meta.json").read_text())["num_samples"] == 8 and before == sorted(p.name for p in cache.iterdir())
+
+
+def test_nan_loss_stops_with_an_error_and_keeps_the_checkpoints(tiny_sd, cache, tmp_path):
+    out = tmp_path / "nan"
+    # an absurd lr blows the weights up at the first update; the second step's loss is not finite
+    msg = error_of(tiny_sd, cache, out, "--lr", "1e30", "--max-steps", "5", "--checkpoint-every", "1", "--no-ema")
+    assert "loss is" in msg and "at step 2" in msg
+    kept = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert kept == ["step-0000001.pt"]  # written before the failure, complete, no .tmp left
+    assert torch.load(out / "checkpoints" / kept[0], weights_only=True)["step"] == 1
+    assert not (out / "unet").exists()
+
+
+def test_bad_input_exits_non_zero_without_a_traceback(tiny_sd, cache, tmp_path):
+    r = subprocess.run(cmd(tiny_sd, cache, tmp_path / "o", "--student", "nope"), env=ENV, capture_output=True, text=True)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("error: unknown --student 'nope'")
