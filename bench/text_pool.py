@@ -4,8 +4,10 @@ Benchmark: randcond.TextPool against a plain Python list of the same prompts.
     python bench/text_pool.py                  # 20,000,000 prompts (about 1.3 GB of text)
     python bench/text_pool.py --n 1000000 --json
 
-Each side runs in a fresh child process so that resident memory is its own. Prints a table; with
---json also one JSON object on the last line.
+Each side runs in a fresh child process so that resident memory is its own. After random reads the
+pool's resident memory is mostly pages of the memory-mapped text (shared, dropped by the kernel under
+pressure); "private" is the memory only this process holds. Prints a table; with --json also one JSON
+object on the last line.
 """
 
 import argparse
@@ -24,9 +26,14 @@ WORDS = ("a photo of a cat dog astronaut riding horse on the moon in a city at n
          "watercolor portrait of an old man with a red hat cinematic lighting highly detailed 4k").split()
 
 
-def rss_mb() -> float:
-    with open("/proc/self/statm") as f:  # Linux: resident pages are the second field
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+def rss_mb(field: str = "VmRSS") -> float:
+    """Resident memory in MiB (Linux). RssAnon is the private part; RssFile, pages of mapped files,
+    which the kernel can drop and share between processes."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def write_prompts(path: Path, n: int) -> None:
@@ -40,7 +47,7 @@ def child(kind: str, path: str, reads: int) -> dict:
     """Open the pool (or load the list), then read random prompts; report times and memory."""
     if kind == "pool":
         import randcond  # torch's own import time and memory are not the pool's
-    base = rss_mb()
+    base, base_anon = rss_mb(), rss_mb("RssAnon")
     t0 = time.perf_counter()
     if kind == "pool":
         pool = randcond.TextPool(Path(path))
@@ -55,7 +62,8 @@ def child(kind: str, path: str, reads: int) -> dict:
     total = sum(len(pool[i]) for i in idx)
     read_s = time.perf_counter() - t0
     return {"n": len(pool), "open_s": open_s, "rss_open_mb": rss_open, "reads_per_s": reads / read_s,
-            "rss_after_reads_mb": rss_mb() - base, "chars": total}
+            "rss_after_reads_mb": rss_mb() - base, "anon_after_reads_mb": rss_mb("RssAnon") - base_anon,
+            "chars": total}
 
 
 def run_child(kind: str, path: Path, reads: int) -> dict:
@@ -93,11 +101,12 @@ def main() -> None:
 
     print(f"{args.n:,} prompts, {size_mb:,.0f} MiB of text, index {index_mb:,.0f} MiB "
           f"(written in {write_s:.1f} s)")
-    print(f"{'':24}{'TextPool':>14}{'Python list':>14}{'ratio':>10}")
+    print(f"{'':24}{'TextPool':>14}{'Python list':>14}{'list/pool':>10}")
     rows = [("index build (s)", build_s, float("nan")),
             ("open (s)", pool["open_s"], plain["open_s"]),
             ("RSS after open (MiB)", pool["rss_open_mb"], plain["rss_open_mb"]),
             ("RSS after reads (MiB)", pool["rss_after_reads_mb"], plain["rss_after_reads_mb"]),
+            ("  of it private (MiB)", pool["anon_after_reads_mb"], plain["anon_after_reads_mb"]),
             ("random reads / s", pool["reads_per_s"], plain["reads_per_s"])]
     for name, a, b in rows:
         ratio = b / a if a and b == b else float("nan")
@@ -106,6 +115,8 @@ def main() -> None:
         print(json.dumps({"n": args.n, "text_mib": size_mb, "index_build_s": build_s,
                           "pool_open_s": pool["open_s"], "list_open_s": plain["open_s"],
                           "pool_rss_mib": pool["rss_open_mb"], "list_rss_mib": plain["rss_open_mb"],
+                          "pool_private_after_reads_mib": pool["anon_after_reads_mb"],
+                          "list_private_after_reads_mib": plain["anon_after_reads_mb"],
                           "memory_ratio": plain["rss_open_mb"] / max(pool["rss_open_mb"], 1e-3),
                           "pool_reads_per_s": pool["reads_per_s"], "list_reads_per_s": plain["reads_per_s"]}))
 
