@@ -17,7 +17,6 @@ computed from the PNGs on disk, so scoring never sees an image that did not surv
 import argparse
 import csv
 import datetime
-import hashlib
 import json
 import os
 import sys
@@ -196,12 +195,17 @@ def load_pipeline(args, device: torch.device, dtype: torch.dtype):
     return pipe.to(device)
 
 
-def generation_settings(args, prompts: list[str], pipe) -> dict:
-    """Everything that changes the pixels; a resumed run must match it."""
-    return {"model": args.model, "unet": args.unet, "scheduler": type(pipe.scheduler).__name__,
-            "resolution": args.resolution, "steps": args.steps, "guidance": args.guidance, "seed": args.seed,
-            "resize": args.resize, "dtype": str(pipe.unet.dtype).removeprefix("torch."), "num_prompts": len(prompts),
-            "prompts_sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest()}
+def check_record(out_dir: Path, prompts: list[str], settings: Optional[dict] = None) -> dict:
+    """OUT/generation.json keeps the settings and prompts the images were made with. A resumed run must use the
+    same settings, and every run the same prompt for each image id (more or fewer prompts are fine)."""
+    record = out_dir / "generation.json"
+    old = json.loads(record.read_text()) if record.is_file() else {"settings": settings, "prompts": []}
+    if changed := [k for k in settings or {} if old["settings"].get(k) != settings[k]]:
+        fail(f"{out_dir} holds images made with other settings ({', '.join(changed)}); use another --out-dir")
+    for i, (a, b) in enumerate(zip(old["prompts"], prompts)):
+        if a != b:
+            fail(f"image {i} in {out_dir} was made for the prompt {a!r}, not {b!r}; use another --out-dir")
+    return {"settings": old["settings"], "prompts": prompts + old["prompts"][len(prompts):]}
 
 
 def save_png(image: Image.Image, path: Path):
@@ -214,20 +218,16 @@ def save_png(image: Image.Image, path: Path):
 def generate(args, prompts: list[str], image_dir: Path, device: torch.device, dtype: torch.dtype):
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     pipe = load_pipeline(args, device, dtype)
-    settings = generation_settings(args, prompts, pipe)
-    record = image_dir.parent / "generation.json"
-    if record.is_file():
-        old = json.loads(record.read_text())
-        changed = [k for k in settings if old.get(k) != settings[k]]
-        if changed:
-            fail(f"{image_dir.parent} holds images made with other settings ({', '.join(changed)}); use another --out-dir")
+    # everything that changes the pixels
+    settings = {"model": args.model, "unet": args.unet, "scheduler": type(pipe.scheduler).__name__,
+                "resolution": args.resolution, "steps": args.steps, "guidance": args.guidance, "seed": args.seed,
+                "resize": args.resize, "dtype": str(pipe.unet.dtype).removeprefix("torch.")}
+    record = check_record(image_dir.parent, prompts, settings)
     # every rank lists the missing images before anyone writes, so all ranks split the same list
     todo = [i for i in range(len(prompts)) if not (image_dir / f"{i:06d}.png").is_file()]
     barrier()
     if rank == 0:
-        tmp = record.with_suffix(".tmp")
-        tmp.write_text(json.dumps(settings, indent=2))
-        os.replace(tmp, record)
+        write_json(image_dir.parent / "generation.json", record)
     mine = todo[rank::world_size]
     print0(f"generating {len(todo)} of {len(prompts)} images ({len(prompts) - len(todo)} already on disk) "
            f"on {world_size} process(es)")
@@ -553,6 +553,7 @@ def main(argv: Optional[list[str]] = None, inception: Optional[nn.Module] = None
         missing = sum(not p.is_file() for p in paths)
         if missing:
             fail(f"{missing} of {len(paths)} images missing in {image_dir}; pass --model to generate them")
+        settings = check_record(image_dir.parent, prompts)["settings"]
 
         if "clip" in metrics and clip is None:
             clip = ClipScorer.load(args.clip_model, device)
@@ -566,7 +567,7 @@ def main(argv: Optional[list[str]] = None, inception: Optional[nn.Module] = None
             "name": args.name or Path(args.unet or args.model or args.out_dir).name,
             "metrics": results,
             "protocol": {
-                "generation": json.loads(gen.read_text()) if (gen := image_dir.parent / "generation.json").exists() else None,
+                "generation": settings,
                 "prompts": args.prompts, "image_size": list(load_rgb(paths[0]).size),
                 "fid": {"reference": args.ref, "reference_n": int(ref["n"]) if ref is not None and "n" in ref else None,
                         "features": type(inception).__name__ if "pool" in feats else None},

@@ -240,9 +240,16 @@ def test_generate_resume_score_subsets(tiny_sd, tmp_path, prompt_file, capsys):
     assert "generating 1 of 6 images (5 already on disk)" in capsys.readouterr().out
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items() if p.name != "000003.png")
     assert np.abs(pixels(out / "images")["000003.png"] - images["000003.png"]).max() <= 1
-    # other settings into the same folder are refused
+    # other settings, or other prompts for the same image ids, into the same folder are refused
     with pytest.raises(SystemExit, match="other settings .*steps"):
         run([*args[:-2], "--steps", "3", "--metrics", "none"])
+    (tmp_path / "other.txt").write_text("a red cat\na green horse\n")
+    with pytest.raises(SystemExit, match="image 1 in .* was made for the prompt 'a blue dog', not 'a green horse'"):
+        run(["--prompts", tmp_path / "other.txt", "--out-dir", out, "--metrics", "clip"], clip=clip)
+    # fewer prompts (a prefix) score the images they name
+    run(["--prompts", prompt_file, "--num-prompts", "3", "--out-dir", out, "--metrics", "clip"], clip=clip)
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["metrics"]["all"]["n"] == 3 and report["protocol"]["generation"]["steps"] == 2
 
 
 def test_reference_stats_file_and_compare(tmp_path, capsys):
