@@ -17,7 +17,7 @@ _WORDS = (
 ).split()
 
 
-def _tiny_tokenizer():
+def _tiny_tokenizer(max_length: int = 16):
     from transformers import CLIPTokenizer
 
     # CLIP's BPE marks word ends with "</w>". Single characters cover any caption; for the word list,
@@ -35,48 +35,53 @@ def _tiny_tokenizer():
                 merges.append(pair)
             symbols = [symbols[0] + symbols[1]] + symbols[2:]
             vocab.setdefault(symbols[0], len(vocab))
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=16,
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length,
                          unk_token="<unk>", bos_token="<|startoftext|>", eos_token="<|endoftext|>",
                          pad_token="!")
 
 
-def make_tiny_sd(out_dir: Path) -> Path:
-    """Build, save (save_pretrained, safetensors) and return a tiny SD-v1-shaped pipeline folder."""
+def make_tiny_sd(out_dir: Path, full_size: bool = False) -> Path:
+    """Build, save (save_pretrained, safetensors) and return a tiny SD-v1-shaped pipeline folder.
+
+    full_size=True gives SD v1.4's real shapes (860M UNet, CLIP ViT-L/14 text encoder, 77 tokens, the
+    real VAE) with random weights and the same small tokenizer: for timing on a GPU without the hub."""
     from diffusers import (AutoencoderKL, PNDMScheduler, StableDiffusionPipeline,
                            UNet2DConditionModel)
     from transformers import CLIPTextConfig, CLIPTextModel
 
     out_dir = Path(out_dir)
     torch.manual_seed(0)
-    tokenizer = _tiny_tokenizer()
+    tokens = 77 if full_size else 16
+    tokenizer = _tiny_tokenizer(tokens)
+    width, layers, heads = (768, 12, 12) if full_size else (32, 2, 4)
     text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=16, projection_dim=32,
-        bos_token_id=0, eos_token_id=1, pad_token_id=2,
+        vocab_size=49408 if full_size else len(tokenizer), hidden_size=width, intermediate_size=4 * width if full_size else 64,
+        num_hidden_layers=layers, num_attention_heads=heads, max_position_embeddings=tokens, projection_dim=width,
+        hidden_act="quick_gelu", bos_token_id=0, eos_token_id=1, pad_token_id=2,
     ))
     unet = UNet2DConditionModel(
-        sample_size=8,
+        sample_size=64 if full_size else 8,
         in_channels=4,
         out_channels=4,
         down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
         mid_block_type="UNetMidBlock2DCrossAttn",
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        block_out_channels=(32, 32, 64, 64),
+        block_out_channels=(320, 640, 1280, 1280) if full_size else (32, 32, 64, 64),
         layers_per_block=2,
-        norm_num_groups=8,
-        cross_attention_dim=32,
-        attention_head_dim=4,
+        norm_num_groups=32 if full_size else 8,
+        cross_attention_dim=width,
+        attention_head_dim=8 if full_size else 4,
     )
     vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 8, 16, 16),
-        layers_per_block=1,
+        block_out_channels=(128, 256, 512, 512) if full_size else (8, 8, 16, 16),
+        layers_per_block=2 if full_size else 1,
         latent_channels=4,
-        norm_num_groups=4,
-        sample_size=64,
+        norm_num_groups=32 if full_size else 4,
+        sample_size=512 if full_size else 64,
         scaling_factor=0.18215,
     )
     # SD v1.4's scheduler config.
