@@ -1,17 +1,19 @@
-"""
+r"""
 Generate images with a (compressed) Stable Diffusion model and score them: FID, Inception Score, CLIP score.
 
-The paper's MS-COCO 30K protocol (one GPU, then 8 GPUs; same images either way):
-    python evaluate.py --model CompVis/stable-diffusion-v1-4 --unet runs/bk_base/unet \
-        --prompts mscoco_val2014_30k/metadata.csv --ref coco_val2014_256.npz --out-dir runs/eval/bk_base
-    torchrun --standalone --nproc_per_node=8 evaluate.py ...same arguments...
-Reference statistics are computed once from the real images (already resized to 256 px):
-    python evaluate.py --ref val2014_256/ --save-ref-stats coco_val2014_256.npz
-Models side by side:
+MS-COCO 30K as in the paper: 30K val2014 captions, 512 px, 25 steps, guidance 7.5, the pipeline's PNDM
+scheduler, PNGs resized to 256 px; FID against all 40,504 val2014 images resized to 256x256.
+Once, the reference statistics:
+    python evaluate.py --ref val2014/ --ref-resize 256 --save-ref-stats coco_val2014_256.npz
+Then each model (a pipeline folder, e.g. train.py's output), on one GPU or on 8 (the same images either way):
+    python evaluate.py --model runs/bk_base --prompts mscoco_val2014_30k/metadata.csv \
+        --ref coco_val2014_256.npz --out-dir runs/eval/bk_base
+    torchrun --standalone --nproc_per_node=8 evaluate.py --model runs/bk_base ...same arguments...
+Side by side:
     python evaluate.py --compare runs/eval/sd14/metrics.json runs/eval/bk_base/metrics.json
 
-Each prompt i gets its own generator seeded with seed + i, so an image does not depend on the batch size
-or on the number of processes. Images already in OUT/images are kept (the run is resumable); metrics are
+Prompt i gets its own generator seeded with seed + i, so an image depends neither on the batch size nor
+on the number of processes. Images already in OUT/images are kept (the run is resumable); metrics are
 computed from the PNGs on disk, so scoring never sees an image that did not survive a crash.
 """
 import argparse
@@ -45,7 +47,9 @@ SCHEDULERS = {"pndm": "PNDMScheduler", "ddim": "DDIMScheduler", "euler": "EulerD
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+        pass
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=Formatter)
     # what to generate
     p.add_argument("--model", help="diffusers pipeline folder or hub id; omit to score the images in --out-dir")
     p.add_argument("--unet", help="student UNet folder (save_pretrained, or a folder holding unet/) used in --model")
@@ -132,7 +136,7 @@ def load_prompts(path: str, column: Optional[str] = None) -> list[str]:
         keys = list(rows[0]) if rows else []
         col = column or next((k for k in ("text", "caption", "prompt") if k in keys), None)
         if rows and col not in keys:
-            fail(f"{path} has no column {column or 'text/caption/prompt'} (it has {', '.join(keys)}); see --prompt-column")
+            fail(f"{path} has no column {column or 'text, caption or prompt'} (it has {', '.join(keys)})")
         prompts = [str(r[col]) for r in rows]
     else:
         prompts = [line.strip() for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -555,6 +559,7 @@ def main(argv: Optional[list[str]] = None, inception: Optional[nn.Module] = None
             fail(f"{missing} of {len(paths)} images missing in {image_dir}; pass --model to generate them")
         settings = check_record(image_dir.parent, prompts)["settings"]
 
+        clip_name = "injected" if clip is not None else args.clip_model
         if "clip" in metrics and clip is None:
             clip = ClipScorer.load(args.clip_model, device)
         feats = extract(paths, prompts, inception if {"fid", "is"} & set(metrics) else None,
@@ -572,7 +577,7 @@ def main(argv: Optional[list[str]] = None, inception: Optional[nn.Module] = None
                 "fid": {"reference": args.ref, "reference_n": int(ref["n"]) if ref is not None and "n" in ref else None,
                         "features": type(inception).__name__ if "pool" in feats else None},
                 "is": {"splits": args.is_splits, "features": "logits_unbiased" if "logits" in feats else None},
-                "clip": {"model": args.clip_model if "clip" in feats else None,
+                "clip": {"model": clip_name if "clip" in feats else None,
                          "scale": "raw cosine (torchmetrics CLIPScore = 100 x max(cosine, 0))"},
             },
             "versions": versions(),

@@ -240,6 +240,15 @@ def test_generate_resume_score_subsets(tiny_sd, tmp_path, prompt_file, capsys):
     assert "generating 1 of 6 images (5 already on disk)" in capsys.readouterr().out
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items() if p.name != "000003.png")
     assert np.abs(pixels(out / "images")["000003.png"] - images["000003.png"]).max() <= 1
+    # a student UNet swapped into the pipeline (here the same UNet) makes the same images; --scheduler is recorded
+    run(["--model", tiny_sd, "--unet", tiny_sd, "--prompts", prompt_file, "--num-prompts", "2", "--out-dir",
+         tmp_path / "swap", *GEN, "--metrics", "none"])
+    swapped = pixels(tmp_path / "swap" / "images")
+    assert list(swapped) == ["000000.png", "000001.png"]
+    assert all(np.abs(swapped[k] - images[k]).max() <= 1 for k in swapped)
+    run(["--model", tiny_sd, "--prompts", prompt_file, "--num-prompts", "1", "--out-dir", tmp_path / "ddim", *GEN,
+         "--scheduler", "ddim", "--metrics", "none"])
+    assert json.loads((tmp_path / "ddim" / "generation.json").read_text())["settings"]["scheduler"] == "DDIMScheduler"
     # other settings, or other prompts for the same image ids, into the same folder are refused
     with pytest.raises(SystemExit, match="other settings .*steps"):
         run([*args[:-2], "--steps", "3", "--metrics", "none"])
