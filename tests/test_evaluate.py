@@ -180,6 +180,19 @@ def test_missing_weights_and_libraries_say_how_to_get_them(tmp_path):
             evaluate.load_inception(str(tmp_path / "missing.pth"))
 
 
+def test_prompt_files(tmp_path):
+    (tmp_path / "p.txt").write_text("a cat\n\n  a dog  \n")
+    (tmp_path / "p.jsonl").write_text('{"caption": "a cat", "id": 1}\n\n{"caption": "a dog", "id": 2}\n')
+    (tmp_path / "p.csv").write_text('id,prompt,caption\n1,"a cat, sitting",x\n2,a dog,y\n')
+    assert evaluate.load_prompts(str(tmp_path / "p.txt")) == ["a cat", "a dog"]
+    assert evaluate.load_prompts(str(tmp_path / "p.jsonl")) == ["a cat", "a dog"]
+    assert evaluate.load_prompts(str(tmp_path / "p.csv")) == ["x", "y"]  # caption before prompt
+    assert evaluate.load_prompts(str(tmp_path / "p.csv"), "prompt") == ["a cat, sitting", "a dog"]
+    with pytest.raises(SystemExit, match="^error: .* has no column text, caption or prompt .*it has id"):
+        (tmp_path / "q.csv").write_text("id,words\n1,a cat\n")
+        evaluate.load_prompts(str(tmp_path / "q.csv"))
+
+
 # -----------------------------------------------------------------------------
 # the command: generation, resume, subsets, reference statistics, compare
 
