@@ -460,6 +460,15 @@ class FeatureDistiller(nn.Module):
         self._student_feats.clear()
         self._teacher_feats.clear()
 
+    def features(self) -> tuple[list[Tensor], list[Tensor]]:
+        """The stored (student, teacher) activations of every layer, unprojected, e.g. for
+        relational_kd_loss. Call before loss(), which clears them."""
+        missing = [n for n in self.pairs if n not in self._student_feats or n not in self._teacher_feats]
+        if missing:
+            raise RuntimeError(f"no activation stored for layer {missing[0]!r}: run the teacher and the "
+                               "student inside `with distiller:` first")
+        return [self._student_feats[n] for n in self.pairs], [self._teacher_feats[n] for n in self.pairs]
+
     @torch.no_grad()
     def probe(self, *inputs, **kwargs) -> None:
         """Run teacher and student once on the same inputs; create a projection for every layer whose
@@ -488,11 +497,7 @@ class FeatureDistiller(nn.Module):
         Clears the stored activations, so nothing is kept between steps."""
         total = None
         try:
-            for name in self.pairs:
-                if name not in self._student_feats or name not in self._teacher_feats:
-                    raise RuntimeError(f"no activation stored for layer {name!r}: run the teacher and the "
-                                       "student inside `with distiller:` before calling loss()")
-                s, t = self._student_feats[name], self._teacher_feats[name]
+            for name, s, t in zip(self.pairs, *self.features()):
                 key = self._key(name)
                 if key in self.proj:
                     s = self.proj[key](s.to(self.proj[key].weight.dtype))

@@ -397,6 +397,12 @@ def test_feature_distiller_matches_manual_loss_and_maps_names():
         student(x)
         loss = distiller.loss()
     assert len(distiller.proj) == 0
+    with distiller:
+        teacher(x)
+        student(x)
+        s_feats, t_feats = distiller.features()
+        assert [f.shape for f in s_feats] == [f.shape for f in t_feats] == [(2, 8, 8, 8)] * 2
+        assert not t_feats[0].requires_grad and s_feats[0].requires_grad
     t_down, s_down = teacher.down(x)[0], student.down(x)[0]
     manual = ((s_down - t_down) ** 2).mean() + ((student.mid(s_down) - teacher.mid(t_down)) ** 2).mean()
     assert loss.item() == pytest.approx(manual.item(), rel=1e-5)
