@@ -316,6 +316,11 @@ def test_reference_stats_file_and_compare(tmp_path, capsys):
 # bad input: one clear line, non-zero exit
 
 
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
 def test_bad_inputs(tiny_sd, tmp_path, prompt_file):
     inception = TinyInception()
     ref = random_images(tmp_path / "real", 24)
@@ -346,11 +351,6 @@ def test_bad_inputs(tiny_sd, tmp_path, prompt_file):
     for message, argv in cases.items():
         with pytest.raises(SystemExit, match="^error: .*" + message):
             run(argv, inception=inception)
-
-
-def _write(path: Path, text: str) -> Path:
-    path.write_text(text)
-    return path
 
 
 def test_cli_error_is_one_line(tmp_path):
