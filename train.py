@@ -573,7 +573,8 @@ def _train(args, ddp, rank, world_size, device) -> None:
                 m.compile()
     model = Student(unet, distiller, feat=args.lambda_feat > 0, rel=args.lambda_rel > 0).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay, fused=cuda or None)
+    optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay,
+                                  **({"fused": True} if cuda else {"foreach": True}))  # one kernel, not one per tensor
     lr_at = lambda step: args.lr * min(1.0, (step + 1) / args.warmup_steps) if args.warmup_steps else args.lr  # noqa: E731
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
     ema = [p.detach().clone().float() for p in unet.parameters()] if args.ema else None
