@@ -158,6 +158,16 @@ def load_teacher(name: str, dtype: torch.dtype, device: torch.device):
     return unet, vae, text_encoder, tokenizer, noise_scheduler
 
 
+def pipeline_with(unet, teacher_parts, teacher: str):
+    """A stock pipeline around any UNet: PNDM sampling as in the paper's evaluation, no safety checker."""
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+
+    _, vae, text_encoder, tokenizer, _ = teacher_parts
+    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=PNDMScheduler.from_pretrained(teacher, subfolder="scheduler"),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
 PER_BLOCK_KEYS = ("attention_head_dim", "num_attention_heads", "cross_attention_dim", "transformer_layers_per_block",
                   "reverse_transformer_layers_per_block", "only_cross_attention", "layers_per_block")
 
@@ -299,30 +309,35 @@ def read_image_captions(folder: str) -> list[tuple[str, str]]:
     items = [(str(root / r["file_name"]), r["text"]) for r in rows]
     if not items:
         raise SystemExit(f"error: --images {folder}: the metadata lists no image")
+    missing = [f for f, _ in items if not Path(f).is_file()]
+    if missing:
+        raise SystemExit(f"error: --images: {len(missing)} listed images are missing, e.g. {missing[0]}")
     return items
 
 
 def atomic_save(path: Path, write) -> None:
-    """write(tmp_path), then rename over path: readers see the old file or the new one, never half."""
+    """write(tmp_path), flush it to disk, then rename over path: a crash leaves the old file or the
+    new one, never half of one."""
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def save_npy(path: Path, array: np.ndarray) -> None:
+    with open(path, "wb") as f:  # np.save(path) would append ".npy" to the .tmp name
+        np.save(f, array)
 
 
 @torch.no_grad()
 def encode_shard(items, kind, teacher_parts, args, resolution, dtype, device, start: int) -> np.ndarray:
     """Latents (n, 4, h, w) float16 for one shard: teacher samples for prompts, VAE means for images."""
-    from diffusers import StableDiffusionPipeline
+    from PIL import Image
 
-    unet, vae, text_encoder, tokenizer, _ = teacher_parts
-    out = []
-    if kind == "prompts":
-        from diffusers import PNDMScheduler
-
-        pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                       scheduler=PNDMScheduler.from_pretrained(args.teacher, subfolder="scheduler"),
-                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-        pipe.set_progress_bar_config(disable=True)
+    vae, out = teacher_parts[1], []
+    pipe = pipeline_with(teacher_parts[0], teacher_parts, args.teacher)
+    pipe.set_progress_bar_config(disable=True)
     for i in range(0, len(items), args.batch_size):
         batch = items[i:i + args.batch_size]
         if kind == "prompts":
@@ -331,8 +346,6 @@ def encode_shard(items, kind, teacher_parts, args, resolution, dtype, device, st
             latents = pipe(batch, height=resolution, width=resolution, num_inference_steps=args.gen_steps,
                            guidance_scale=args.gen_guidance, generator=gens, output_type="latent").images
         else:
-            from PIL import Image
-
             pixels = []
             for file, _ in batch:
                 img = Image.open(file).convert("RGB")
@@ -366,7 +379,7 @@ def build_cache(args, teacher_parts, resolution, latent_shape, dtype, device, dd
         lo, hi = k * args.shard_size, min(len(items), (k + 1) * args.shard_size)
         latents = encode_shard(items[lo:hi], kind, teacher_parts, args, resolution, dtype, device, lo)
         atomic_save(data / f"captions-{k:05d}.json", lambda p: p.write_text(json.dumps(captions[lo:hi])))
-        atomic_save(data / f"latents-{k:05d}.npy", lambda p: np.save(open(p, "wb"), latents))
+        atomic_save(data / f"latents-{k:05d}.npy", lambda p: save_npy(p, latents))
     barrier(ddp)
     if rank == 0:
         # the paired captions join the text pool as published: one per line, newlines flattened
@@ -430,15 +443,6 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
-def pipeline_with(unet, teacher_parts, teacher: str):
-    from diffusers import PNDMScheduler, StableDiffusionPipeline
-
-    _, vae, text_encoder, tokenizer, _ = teacher_parts
-    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=PNDMScheduler.from_pretrained(teacher, subfolder="scheduler"),
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-
-
 @torch.no_grad()
 def validate(unet, teacher_parts, args, resolution, autocast, path: Path) -> None:
     """A grid of the fixed validation prompts, fixed seeds, so grids compare across steps and runs."""
@@ -460,14 +464,13 @@ def export(unet, ema_params, args, out: Path) -> None:
     """unet/ (EMA weights when EMA is on, as BK-SDM publishes; raw ones in unet_no_ema/) plus the
     teacher's other parts: a folder StableDiffusionPipeline.from_pretrained loads. Written beside,
     then moved in part by part, so a crash here leaves the checkpoints and any older export intact."""
-    import copy
-
-    from diffusers import AutoencoderKL
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
     tmp = out / ".export.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    final = copy.deepcopy(unet).float().cpu()  # a copy: no hooks, no checkpointing state to carry over
+    final = UNet2DConditionModel.from_config(unet.config)  # a clean copy: no hooks, compile or checkpointing
+    final.load_state_dict({k: v.float().cpu() for k, v in unet.state_dict().items()})
     if ema_params is not None:
         final.save_pretrained(tmp / "unet_no_ema")
         for p, e in zip(final.parameters(), ema_params):
@@ -486,7 +489,8 @@ def export(unet, ema_params, args, out: Path) -> None:
 
 
 def fingerprint(model: nn.Module) -> torch.Tensor:
-    """float64 sum of every parameter: equal across ranks iff DDP kept them in step (to rounding)."""
+    """float64 sum of each parameter tensor. DDP gives every rank the same reduced gradients, so the
+    sums must match exactly; any difference means a parameter escaped the reduction."""
     return torch.stack([p.detach().double().sum() for p in model.parameters()])
 
 
