@@ -126,11 +126,6 @@ def print0(*args, **kwargs) -> None:
         print(*args, **kwargs, flush=True)
 
 
-def barrier(ddp: bool) -> None:
-    if ddp:
-        dist.barrier()
-
-
 # -----------------------------------------------------------------------------
 # teacher and students
 
@@ -140,19 +135,16 @@ def load_teacher(name: str, dtype: torch.dtype, device: torch.device):
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
+    part = "unet"
     try:
-        unet = UNet2DConditionModel.from_pretrained(name, subfolder="unet", torch_dtype=dtype)
+        unet = UNet2DConditionModel.from_pretrained(name, subfolder=part, torch_dtype=dtype)
+        vae = AutoencoderKL.from_pretrained(name, subfolder=(part := "vae"), torch_dtype=dtype)
+        text_encoder = CLIPTextModel.from_pretrained(name, subfolder=(part := "text_encoder"), torch_dtype=dtype)
+        tokenizer = CLIPTokenizer.from_pretrained(name, subfolder=(part := "tokenizer"))
+        noise_scheduler = DDPMScheduler.from_pretrained(name, subfolder=(part := "scheduler"))
     except (OSError, ValueError) as e:
-        raise SystemExit(f"error: --teacher {name} has no diffusers UNet (expected a Stable Diffusion pipeline "
-                         f"with unet/): {str(e).splitlines()[0]}")
-    try:
-        vae = AutoencoderKL.from_pretrained(name, subfolder="vae", torch_dtype=dtype)
-        text_encoder = CLIPTextModel.from_pretrained(name, subfolder="text_encoder", torch_dtype=dtype)
-        tokenizer = CLIPTokenizer.from_pretrained(name, subfolder="tokenizer")
-        noise_scheduler = DDPMScheduler.from_pretrained(name, subfolder="scheduler")
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"error: --teacher {name} lacks a pipeline part (vae, text_encoder, tokenizer, scheduler): "
-                         f"{str(e).splitlines()[0]}")
+        raise SystemExit(f"error: --teacher {name} has no loadable {part} (expected a diffusers Stable Diffusion "
+                         f"pipeline: unet, vae, text_encoder, tokenizer, scheduler): {str(e).splitlines()[0]}")
     for m in (unet, vae, text_encoder):
         m.requires_grad_(False).eval().to(device)
     return unet, vae, text_encoder, tokenizer, noise_scheduler
@@ -380,14 +372,16 @@ def build_cache(args, teacher_parts, resolution, latent_shape, dtype, device, dd
         latents = encode_shard(items[lo:hi], kind, teacher_parts, args, resolution, dtype, device, lo)
         atomic_save(data / f"captions-{k:05d}.json", lambda p: p.write_text(json.dumps(captions[lo:hi])))
         atomic_save(data / f"latents-{k:05d}.npy", lambda p: save_npy(p, latents))
-    barrier(ddp)
+    if ddp:
+        dist.barrier()  # every shard is on disk
     if rank == 0:
         # the paired captions join the text pool as published: one per line, newlines flattened
         atomic_save(data / "captions.txt", lambda p: p.write_text("".join(" ".join(c.split()) + "\n" for c in captions), encoding="utf-8"))
         meta = {"num_samples": len(items), "num_shards": n_shards, "latent_shape": list(latent_shape), "source": kind,
                 "teacher": args.teacher, "resolution": resolution}
         atomic_save(data / "meta.json", lambda p: p.write_text(json.dumps(meta, indent=1)))
-    barrier(ddp)
+    if ddp:
+        dist.barrier()
 
 
 class LatentCache:
@@ -568,10 +562,12 @@ def _train(args, ddp, rank, world_size, device) -> None:
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     if args.compile:
-        # Regional compilation: the hooked stage modules stay eager so hooks come and go freely.
+        # Regional compilation: the hooked stage modules stay eager so hooks come and go freely. All
+        # blocks of a kind share one code object, and each width recompiles it: allow for that.
         from diffusers.models.attention import BasicTransformerBlock
         from diffusers.models.resnet import ResnetBlock2D
 
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         for m in list(unet.modules()) + list(teacher.modules()):
             if isinstance(m, (BasicTransformerBlock, ResnetBlock2D)):
                 m.compile()

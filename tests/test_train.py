@@ -216,7 +216,7 @@ def test_cache_from_captioned_images(tiny_sd, tmp_path):
     lat, caps = lc.get(np.arange(3))
     assert caps == PROMPTS[:3] and lat.shape == (3, 4, 8, 8)
     vae = AutoencoderKL.from_pretrained(tiny_sd, subfolder="vae")  # image 2 is square: no crop, no resize
-    x = torch.from_numpy(np.asarray(Image.open(imgs / "2.png"))).permute(2, 0, 1)[None].float() / 127.5 - 1
+    x = torch.from_numpy(np.array(Image.open(imgs / "2.png"))).permute(2, 0, 1)[None].float() / 127.5 - 1
     ref = vae.encode(x).latent_dist.mean * vae.config.scaling_factor
     torch.testing.assert_close(lat[2:].float(), ref, atol=2e-3, rtol=2e-3)
 
@@ -310,7 +310,7 @@ def test_bad_inputs_give_one_line_errors(tiny_sd, cache, texts, tmp_path):
     assert "unknown --student 'bk_huge'" in error_of(tiny_sd, cache, out, "--student", "bk_huge", "--max-steps", "1")
     no_unet = tmp_path / "no_unet"
     (no_unet / "vae").mkdir(parents=True)
-    assert "has no diffusers UNet" in error_of(no_unet, cache, out, "--max-steps", "1")
+    assert "has no loadable unet" in error_of(no_unet, cache, out, "--max-steps", "1")
     assert "pass --prompts FILE or --images DIR" in error_of(tiny_sd, tmp_path / "nodata", out)
     (tmp_path / "empty.txt").write_text("\n\n")
     assert "has no prompt" in error_of(tiny_sd, tmp_path / "d2", out, "--prompts", str(tmp_path / "empty.txt"))
@@ -320,6 +320,9 @@ def test_bad_inputs_give_one_line_errors(tiny_sd, cache, texts, tmp_path):
     assert "(4, 8, 8)" in msg and "(4, 16, 16)" in msg and "--resolution 64" in msg
     assert "not a multiple of --batch-size" in error_of(tiny_sd, cache, out, "--total-batch-size", "6", "--batch-size", "4")
     assert "no checkpoint" in error_of(tiny_sd, cache, tmp_path / "fresh", "--resume", "--max-steps", "1")
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "metadata.jsonl").write_text(json.dumps({"file_name": "gone.png", "text": "a cat"}))
+    assert "1 listed images are missing" in error_of(tiny_sd, tmp_path / "d3", out, "--images", str(tmp_path / "imgs"))
     before = sorted(p.name for p in cache.iterdir())
     assert json.loads((cache / "meta.json").read_text())["num_samples"] == 8 and before == sorted(p.name for p in cache.iterdir())
 
