@@ -518,8 +518,9 @@ def _train(args, ddp, rank, world_size, device) -> None:
     teacher, vae, text_encoder, tokenizer, noise_scheduler = teacher_parts
     vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
     resolution = args.resolution or teacher.config.sample_size * vae_scale
-    if resolution % (vae_scale * 2 ** (len(teacher.config.block_out_channels) - 1)):
-        raise SystemExit(f"error: --resolution {resolution} must be a multiple of {vae_scale * 2 ** (len(teacher.config.block_out_channels) - 1)}")
+    multiple = vae_scale * 2 ** (len(teacher.config.block_out_channels) - 1)  # every UNet stage halves the latents
+    if resolution % multiple:
+        raise SystemExit(f"error: --resolution {resolution} must be a multiple of {multiple}")
     latent_shape = (teacher.config.in_channels, resolution // vae_scale, resolution // vae_scale)
 
     # --- paired data and text pool
@@ -611,7 +612,7 @@ def _train(args, ddp, rank, world_size, device) -> None:
            f"{args.max_steps} steps on {device.type}, autocast {dtype}")
 
     # --- the loop
-    logged = torch.zeros(5, device=device)  # loss, loss_kd_out, loss_kd_feat, loss_task, loss_rel since the last log
+    logged = torch.zeros(6, device=device)  # loss, loss_kd_out, loss_kd_feat, loss_task, loss_rel, swapped
     t_last, steps_since = time.time(), 0
     bar = tqdm(total=args.max_steps, initial=step, desc="train", disable=rank != 0, dynamic_ncols=True)
     while step < args.max_steps:
@@ -650,7 +651,8 @@ def _train(args, ddp, rank, world_size, device) -> None:
                 loss = (args.lambda_out * loss_kd_out + args.lambda_feat * loss_kd_feat
                         + args.lambda_task * loss_task + args.lambda_rel * loss_rel)
                 scaler.scale(loss / grad_accum).backward()
-            logged += torch.stack([loss, loss_kd_out, loss_kd_feat, loss_task, loss_rel]).detach() / grad_accum
+            swapped = 1 - paired.float().mean()  # share of samples trained on a random caption
+            logged += torch.stack([loss, loss_kd_out, loss_kd_feat, loss_task, loss_rel, swapped]).detach() / grad_accum
 
         scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
@@ -675,7 +677,7 @@ def _train(args, ddp, rank, world_size, device) -> None:
                                  f"(checkpoints up to step {step - steps_since} are intact)")
             dt = (time.time() - t_last) / steps_since
             rec = {"step": step, "loss": vals[0], "loss_kd_out": vals[1], "loss_kd_feat": vals[2], "loss_task": vals[3],
-                   "loss_rel": vals[4], "lr": lr_at(step - 1), "grad_norm": float(grad_norm), "step_time": dt,
+                   "loss_rel": vals[4], "rc_swap_rate": vals[5], "lr": lr_at(step - 1), "grad_norm": float(grad_norm), "step_time": dt,
                    "samples_per_s": args.total_batch_size / dt}
             if rank == 0:
                 with open(out / "log.jsonl", "a") as f:

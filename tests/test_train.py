@@ -231,7 +231,7 @@ def test_train_one_process_with_projections_and_export(tiny_sd, cache, texts, tm
     out = tmp_path / "out"
     run_inproc(tiny_sd, cache, out, "--student", "c_small", "--text-pool", str(texts[1]), "--max-steps", "3",
                "--lambda-task", "1", "--lambda-rel", "1", "--checkpoint-every", "2", "--validate-every", "3",
-               "--validation-steps", "2")
+               "--validation-steps", "2", "--gradient-checkpointing")
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3]
     for key in ("loss_kd_out", "loss_kd_feat", "loss_task", "loss_rel"):
@@ -256,6 +256,28 @@ def test_train_one_process_with_projections_and_export(tiny_sd, cache, texts, tm
     assert image.shape == (1, 64, 64, 3) and np.isfinite(image).all()
     ema = load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
     assert not all(torch.equal(ema[k], exported[k]) for k in ema)  # unet/ holds the EMA weights
+
+
+@pytest.mark.parametrize("flags, rate", [(["--no-random-conditioning"], 0.0),
+                                         (["--rc-schedule", "constant", "--rc-lambda", "1"], 1.0)])
+def test_random_conditioning_flags_reach_the_step(tiny_sd, cache, tmp_path, flags, rate):
+    # p(t) = 0 and p(t) = 1 pin the logged swap rate exactly; lambda_feat 0 keeps the steps cheap
+    run_inproc(tiny_sd, cache, tmp_path / "o", "--max-steps", "2", "--lambda-feat", "0", "--no-ema", *flags)
+    log = [json.loads(line) for line in (tmp_path / "o" / "log.jsonl").read_text().splitlines()]
+    assert [r["rc_swap_rate"] for r in log] == [rate, rate]
+
+
+def test_help_lists_the_flags(capsys):
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--teacher", "--student", "--init", "--data", "--prompts", "--images", "--text-pool",
+                 "--random-conditioning", "--no-random-conditioning", "--rc-schedule", "--rc-lambda", "--null-prob",
+                 "--resolution", "--max-steps", "--batch-size", "--total-batch-size", "--lr", "--lambda-out",
+                 "--lambda-feat", "--lambda-task", "--lambda-rel", "--mixed-precision", "--gradient-checkpointing",
+                 "--ema", "--output-dir", "--checkpoint-every", "--resume", "--seed", "--validate-every", "--compile"):
+        assert flag in text, flag
 
 
 def test_kill_and_resume_gives_the_uninterrupted_weights(tiny_sd, cache, texts, tmp_path):
