@@ -455,11 +455,11 @@ def validate(unet, teacher_parts, args, resolution, autocast, path: Path) -> Non
 
 
 def export(unet, ema_params, args, out: Path) -> None:
-    """unet/ (EMA weights when EMA is on, as BK-SDM publishes; raw ones in unet_no_ema/) plus the
-    teacher's other parts: a folder StableDiffusionPipeline.from_pretrained loads. Written beside,
-    then moved in part by part, so a crash here leaves the checkpoints and any older export intact."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    """unet/ (EMA weights when EMA is on, as BK-SDM publishes; raw ones in unet_no_ema/) inside the
+    teacher's own pipeline (its fp32 VAE, text encoder, tokenizer and scheduler): a folder that
+    StableDiffusionPipeline.from_pretrained loads. Written beside, then moved in part by part, so a
+    crash here leaves the checkpoints and any older export intact."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
     tmp = out / ".export.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -469,11 +469,8 @@ def export(unet, ema_params, args, out: Path) -> None:
         final.save_pretrained(tmp / "unet_no_ema")
         for p, e in zip(final.parameters(), ema_params):
             p.data.copy_(e)
-    # the teacher's own fp32 files, not the copies held in training precision
-    parts = (None, AutoencoderKL.from_pretrained(args.teacher, subfolder="vae"),
-             CLIPTextModel.from_pretrained(args.teacher, subfolder="text_encoder"),
-             CLIPTokenizer.from_pretrained(args.teacher, subfolder="tokenizer"), None)
-    pipeline_with(final, parts, args.teacher).save_pretrained(tmp)
+    StableDiffusionPipeline.from_pretrained(args.teacher, unet=final, safety_checker=None, feature_extractor=None,
+                                            requires_safety_checker=False).save_pretrained(tmp)
     for item in sorted(tmp.iterdir()):
         target = out / item.name
         if target.is_dir():
@@ -601,7 +598,7 @@ def _train(args, ddp, rank, world_size, device) -> None:
         del ckpt
 
     if ddp:
-        model = DDP(model, device_ids=[device.index] if cuda else None, broadcast_buffers=False)
+        model = DDP(model, device_ids=[device.index] if cuda else None)
     raw = model.module if ddp else model
     sampler = ShardedSampler(len(cache), args.batch_size, rank, world_size, args.seed)
     T = noise_scheduler.config.num_train_timesteps
