@@ -135,16 +135,16 @@ def load_teacher(name: str, dtype: torch.dtype, device: torch.device):
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    part = "unet"
-    try:
-        unet = UNet2DConditionModel.from_pretrained(name, subfolder=part, torch_dtype=dtype)
-        vae = AutoencoderKL.from_pretrained(name, subfolder=(part := "vae"), torch_dtype=dtype)
-        text_encoder = CLIPTextModel.from_pretrained(name, subfolder=(part := "text_encoder"), torch_dtype=dtype)
-        tokenizer = CLIPTokenizer.from_pretrained(name, subfolder=(part := "tokenizer"))
-        noise_scheduler = DDPMScheduler.from_pretrained(name, subfolder=(part := "scheduler"))
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"error: --teacher {name} has no loadable {part} (expected a diffusers Stable Diffusion "
-                         f"pipeline: unet, vae, text_encoder, tokenizer, scheduler): {str(e).splitlines()[0]}")
+    parts = {}
+    for part, cls in [("unet", UNet2DConditionModel), ("vae", AutoencoderKL), ("text_encoder", CLIPTextModel),
+                      ("tokenizer", CLIPTokenizer), ("scheduler", DDPMScheduler)]:
+        kwargs = {"torch_dtype": dtype} if part in ("unet", "vae", "text_encoder") else {}
+        try:
+            parts[part] = cls.from_pretrained(name, subfolder=part, **kwargs)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"error: --teacher {name} has no loadable {part} (expected a diffusers Stable Diffusion "
+                             f"pipeline: unet, vae, text_encoder, tokenizer, scheduler): {str(e).splitlines()[0]}")
+    unet, vae, text_encoder, tokenizer, noise_scheduler = parts.values()
     for m in (unet, vae, text_encoder):
         m.requires_grad_(False).eval().to(device)
     return unet, vae, text_encoder, tokenizer, noise_scheduler
