@@ -621,15 +621,16 @@ def _train(args, ddp, rank, world_size, device) -> None:
             g_cpu = torch.Generator().manual_seed((args.seed + rank) * 1_000_003 + micro_step)
             g_dev = torch.Generator(device).manual_seed((args.seed + rank) * 1_000_003 + micro_step) if cuda else g_cpu
 
-            latents, captions = cache.get(sampler.batch(micro_step))
-            latents = latents.to(device, non_blocking=True).float()  # (B, 4, h, w)
+            # host side first, while the GPU still runs the last step: a copy from pageable memory waits for it
+            latents, captions = cache.get(sampler.batch(micro_step))  # (B, 4, h, w) float16
             timesteps = torch.randint(0, T, (len(captions),), generator=g_cpu)
             captions, paired = conditioner(captions, timesteps, generator=g_cpu)  # swap, then null-drop
-            timesteps, paired = timesteps.to(device), paired.to(device)
+            input_ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
+                                  truncation=True, return_tensors="pt").input_ids
+            latents, timesteps, paired, input_ids = (x.to(device) for x in (latents, timesteps, paired, input_ids))
+            latents = latents.float()
             noise = torch.randn(latents.shape, generator=g_dev, device=device)
             noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)  # q(x_t | x_0)
-            input_ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
-                                  truncation=True, return_tensors="pt").input_ids.to(device)
 
             sync = contextlib.nullcontext() if (not ddp or micro == grad_accum - 1) else model.no_sync()
             with sync, distiller if distiller is not None else contextlib.nullcontext():
