@@ -576,6 +576,7 @@ def _train(args, ddp, rank, world_size, device) -> None:
     lr_at = lambda step: args.lr * min(1.0, (step + 1) / args.warmup_steps) if args.warmup_steps else args.lr  # noqa: E731
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
     ema = [p.detach().clone().float() for p in unet.parameters()] if args.ema else None
+    weights = [p.detach() for p in unet.parameters()]  # views: they follow the optimizer's in-place updates
 
     # --- resume: weights, optimizer, scaler, EMA, step; the data position and every random draw
     # are functions of the step (see ShardedSampler and the per-step generators below)
@@ -659,7 +660,7 @@ def _train(args, ddp, rank, world_size, device) -> None:
         optimizer.zero_grad(set_to_none=True)
         if ema is not None:  # diffusers EMAModel's warm-up: decay = min(d, (1 + n) / (10 + n))
             decay = min(args.ema_decay, (1 + step) / (10 + step))
-            torch._foreach_lerp_(ema, [p.detach().float() for p in unet.parameters()], 1 - decay)
+            torch._foreach_lerp_(ema, weights, 1 - decay)
         step += 1
         steps_since += 1
         bar.update(1)
