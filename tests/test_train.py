@@ -267,6 +267,15 @@ def test_random_conditioning_flags_reach_the_step(tiny_sd, cache, tmp_path, flag
     assert [r["rc_swap_rate"] for r in log] == [rate, rate]
 
 
+def test_bk_tiny_trains_with_its_shorter_feature_pairs(tiny_sd, cache, tmp_path):
+    run_inproc(tiny_sd, cache, tmp_path / "o", "--student", "bk_tiny", "--max-steps", "2", "--lambda-rel", "1", "--no-ema")
+    log = [json.loads(line) for line in (tmp_path / "o" / "log.jsonl").read_text().splitlines()]
+    assert all(r["loss_kd_feat"] > 0 and r["loss_rel"] > 0 for r in log)
+    from diffusers import UNet2DConditionModel
+
+    assert len(UNet2DConditionModel.from_pretrained(tmp_path / "o" / "unet").down_blocks) == 3
+
+
 def test_help_lists_the_flags(capsys):
     with pytest.raises(SystemExit) as e:
         train.parse_args(["--help"])
