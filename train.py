@@ -681,7 +681,8 @@ def _train(args, ddp, rank, world_size, device) -> None:
             if rank == 0:
                 with open(out / "log.jsonl", "a") as f:
                     f.write(json.dumps(rec) + "\n")
-                bar.set_postfix(loss=f"{vals[0]:.4f}", out=f"{vals[1]:.4f}", feat=f"{vals[2]:.4f}")
+                bar.write(f"step {step} | loss {vals[0]:.4f} | kd_out {vals[1]:.4f} | kd_feat {vals[2]:.4f} | task "
+                          f"{vals[3]:.4f} | rel {vals[4]:.4f} | swapped {vals[5]:.2f} | lr {rec['lr']:.2e} | {dt:.3f} s/step")
             logged.zero_()
             t_last, steps_since = time.time(), 0
 
