@@ -489,16 +489,17 @@ def fingerprint(model: nn.Module) -> torch.Tensor:
 # training
 
 
-def train(args) -> None:
+def train(args) -> nn.Module | None:
+    """Build or open the cache, train, export. Returns the trained module (student UNet + projections)."""
     ddp, rank, local_rank, world_size, device = setup_ddp()
     try:
-        _train(args, ddp, rank, world_size, device)
+        return _train(args, ddp, rank, world_size, device)
     finally:
         if ddp:
             dist.destroy_process_group()
 
 
-def _train(args, ddp, rank, world_size, device) -> None:
+def _train(args, ddp, rank, world_size, device) -> nn.Module | None:
     out = Path(args.output_dir)
     if args.total_batch_size % (args.batch_size * world_size):
         raise SystemExit(f"error: --total-batch-size {args.total_batch_size} is not a multiple of --batch-size "
@@ -530,7 +531,7 @@ def _train(args, ddp, rank, world_size, device) -> None:
                          f"{resolution}px needs {latent_shape}; set --resolution {cache.meta['resolution']} or use a new --data")
     print0(f"paired data: {len(cache)} cached latents {latent_shape} from {cache.meta['source']}")
     if args.max_steps == 0:
-        return
+        return None
     try:
         for f in args.text_pool:  # each file on its own, so an empty or wrong one is not hidden by the rest
             TextPool(Path(f))
@@ -711,6 +712,7 @@ def _train(args, ddp, rank, world_size, device) -> None:
     if rank == 0:
         export(unet, ema, args, out)
         print0(f"saved the student pipeline to {out} (StableDiffusionPipeline.from_pretrained)")
+    return raw
 
 
 if __name__ == "__main__":

@@ -317,19 +317,31 @@ def test_kill_and_resume_gives_the_uninterrupted_weights(tiny_sd, cache, texts, 
 @pytest.mark.slow
 def test_torchrun_two_processes_end_with_identical_weights(tiny_sd, cache, texts, tmp_path):
     out = tmp_path / "ddp"
+    # each rank saves what it trained (student and projections), so the test compares them itself
+    (tmp_path / "each_rank.py").write_text(
+        "import os, sys\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        "from safetensors.torch import save_file\n"
+        "import train\n"
+        "model = train.train(train.parse_args(sys.argv[1:]))\n"
+        "state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}\n"
+        f"save_file(state, {str(tmp_path)!r} + f'/rank{{os.environ[\"RANK\"]}}.safetensors')\n")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     args = cmd(tiny_sd, cache, out, "--student", "c_tiny", "--text-pool", str(texts[1]), "--max-steps", "3",
-               "--total-batch-size", "8", "--no-ema")[1:]
-    r = subprocess.run(torchrun + args, env=ENV, capture_output=True, text=True, timeout=300)
+               "--total-batch-size", "8", "--no-ema")[2:]
+    r = subprocess.run(torchrun + [str(tmp_path / "each_rank.py")] + args, env=ENV, capture_output=True, text=True,
+                       timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "student weights identical on all 2 ranks" in r.stdout  # all_gather of per-tensor sums, exact
     assert "2 processes x batch 2 x 2 accumulation = 8" in r.stdout
+    rank0, rank1 = load_file(tmp_path / "rank0.safetensors"), load_file(tmp_path / "rank1.safetensors")
+    projections = [k for k in rank0 if k.startswith("distiller.proj.")]
+    assert projections and rank0.keys() == rank1.keys()
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+    exported = load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(exported[k], rank0["unet." + k]) for k in exported)
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [x["step"] for x in log] == [1, 2, 3] and all(np.isfinite(x["loss"]) for x in log)
-    assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
-    # the checkpoint holds the projections that DDP kept in step
-    ckpt = torch.load(out / "checkpoints" / "step-0000003.pt", weights_only=True)
-    assert ckpt["world_size"] == 2 and any(k.startswith("distiller.proj.") for k in ckpt["model"])
+    assert "student weights identical on all 2 ranks" in r.stdout  # train.py's own check agrees
 
 
 # -----------------------------------------------------------------------------
