@@ -221,6 +221,20 @@ def test_cache_from_captioned_images(tiny_sd, tmp_path):
     torch.testing.assert_close(lat[2:].float(), ref, atol=2e-3, rtol=2e-3)
 
 
+def test_sampler_splits_each_epoch_disjointly_by_global_rank():
+    n, B, world = 50, 4, 3
+    samplers = [train.ShardedSampler(n, B, rank, world, seed=7) for rank in range(world)]
+    per_epoch = samplers[0].batches_per_epoch
+    assert per_epoch == (n // world) // B
+    for epoch in range(2):
+        seen = [np.concatenate([s.batch(epoch * per_epoch + b) for b in range(per_epoch)]) for s in samplers]
+        flat = np.concatenate(seen)
+        assert len(set(flat.tolist())) == len(flat) == world * per_epoch * B  # disjoint across ranks
+    fresh = train.ShardedSampler(n, B, 1, world, seed=7)  # a restarted process finds the same batch
+    assert np.array_equal(fresh.batch(per_epoch + 1), samplers[1].batch(per_epoch + 1))
+    assert not np.array_equal(samplers[0].batch(0), samplers[0].batch(per_epoch))  # a new order each epoch
+
+
 # -----------------------------------------------------------------------------
 # training, export
 
