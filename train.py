@@ -259,10 +259,8 @@ class Student(nn.Module):
         model_pred = self.unet(noisy_latents, timesteps, encoder_hidden_states).sample  # (B, 4, h, w)
         zero = model_pred.new_zeros((), dtype=torch.float32)
         loss_rel = loss_kd_feat = zero
-        if self.rel:  # FeatureDistiller keeps the hooked activations until loss()/clear(); read them first
-            names = list(self.distiller.pairs)
-            loss_rel = relational_kd_loss([self.distiller._student_feats[n] for n in names],
-                                          [self.distiller._teacher_feats[n] for n in names])
+        if self.rel:  # before loss(), which clears the stored activations
+            loss_rel = relational_kd_loss(*self.distiller.features())
         if self.feat:
             loss_kd_feat = self.distiller.loss()
         elif self.distiller is not None:
