@@ -40,12 +40,8 @@ from randcond import SCHEDULES, FeatureDistiller, RandomConditioner, TextPool, o
 
 STUDENTS = ("bk_base", "bk_small", "bk_tiny", "c_base", "c_small", "c_tiny", "c_micro")
 C_WIDTHS = {"c_base": 256, "c_small": 224, "c_tiny": 192, "c_micro": 160}  # base width, SD's is 320
-VALIDATION_PROMPTS = [
-    "a photo of an astronaut riding a horse on mars",
-    "a red sports car parked on a city street at night",
-    "a bowl of fruit on a wooden table, oil painting",
-    "a cat sitting in a field of flowers",
-]
+VALIDATION_PROMPTS = ["a photo of an astronaut riding a horse on mars", "a red sports car parked on a city street at night",
+                      "a bowl of fruit on a wooden table, oil painting", "a cat sitting in a field of flowers"]
 
 # -----------------------------------------------------------------------------
 # config: one flat block; defaults are the paper's (REFERENCE.md)
@@ -257,8 +253,7 @@ class Student(nn.Module):
 
     def forward(self, noisy_latents, timesteps, encoder_hidden_states):
         model_pred = self.unet(noisy_latents, timesteps, encoder_hidden_states).sample  # (B, 4, h, w)
-        zero = model_pred.new_zeros((), dtype=torch.float32)
-        loss_rel = loss_kd_feat = zero
+        loss_rel = loss_kd_feat = model_pred.new_zeros((), dtype=torch.float32)
         if self.rel:  # before loss(), which clears the stored activations
             loss_rel = relational_kd_loss(*self.distiller.features())
         if self.feat:
@@ -430,11 +425,6 @@ class ShardedSampler:
 # checkpoints, validation, export
 
 
-def latest_checkpoint(output_dir: Path) -> Path | None:
-    ckpts = sorted((output_dir / "checkpoints").glob("step-*.pt"))  # .tmp files never match
-    return ckpts[-1] if ckpts else None
-
-
 @torch.no_grad()
 def validate(unet, teacher_parts, args, resolution, autocast, path: Path) -> None:
     """A grid of the fixed validation prompts, fixed seeds, so grids compare across steps and runs."""
@@ -580,10 +570,11 @@ def _train(args, ddp, rank, world_size, device) -> nn.Module | None:
     # --- resume: weights, optimizer, scaler, EMA, step; the data position and every random draw
     # are functions of the step (see ShardedSampler and the per-step generators below)
     step = 0
-    ckpt_path = (latest_checkpoint(out) if args.resume == "latest" else Path(args.resume)) if args.resume else None
-    if args.resume and (ckpt_path is None or not ckpt_path.is_file()):
-        raise SystemExit(f"error: --resume: no checkpoint at {ckpt_path or out / 'checkpoints'}")
-    if ckpt_path:
+    if args.resume:
+        ckpts = sorted((out / "checkpoints").glob("step-*.pt"))  # .tmp files never match: only complete ones
+        ckpt_path = Path(args.resume) if args.resume != "latest" else ckpts[-1] if ckpts else out / "checkpoints"
+        if not ckpt_path.is_file():
+            raise SystemExit(f"error: --resume: no checkpoint at {ckpt_path}")
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
         if ckpt["world_size"] != world_size or ckpt["total_batch_size"] != args.total_batch_size:
             raise SystemExit(f"error: {ckpt_path} was written by {ckpt['world_size']} processes at total batch "
@@ -591,8 +582,8 @@ def _train(args, ddp, rank, world_size, device) -> nn.Module | None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
-        if ema is not None and ckpt.get("ema") is not None:
-            ema = [e.to(device) for e in ckpt["ema"]]
+        if ema is not None:  # a run that had no EMA starts one from the resumed weights
+            ema = [e.to(device) for e in ckpt["ema"]] if ckpt["ema"] is not None else [w.clone() for w in weights]
         step = ckpt["step"]
         print0(f"resumed from {ckpt_path} at step {step}")
         del ckpt
