@@ -493,6 +493,13 @@ def _train(args, ddp, rank, world_size, device) -> nn.Module | None:
         raise SystemExit(f"error: --total-batch-size {args.total_batch_size} is not a multiple of --batch-size "
                          f"{args.batch_size} x {world_size} processes; change one of them")
     grad_accum = args.total_batch_size // (args.batch_size * world_size)
+    if args.student not in STUDENTS and not Path(args.student).exists():  # before any slow work
+        raise SystemExit(f"error: unknown --student {args.student!r}; use one of {', '.join(STUDENTS)} or a path to a UNet config.json")
+    try:  # each pool file on its own, now: an empty or wrong one would otherwise surface after the cache build
+        for f in args.text_pool:
+            TextPool(Path(f))
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: --text-pool: {e}")
     cuda = device.type == "cuda"
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision) if cuda else None
     autocast = torch.autocast("cuda", dtype=dtype) if dtype else contextlib.nullcontext()
@@ -521,11 +528,9 @@ def _train(args, ddp, rank, world_size, device) -> nn.Module | None:
     if args.max_steps == 0:
         return None
     try:
-        for f in args.text_pool:  # each file on its own, so an empty or wrong one is not hidden by the rest
-            TextPool(Path(f))
         pool = TextPool([data / "captions.txt"] + [Path(f) for f in args.text_pool]).shard(rank, world_size)
     except (OSError, ValueError) as e:
-        raise SystemExit(f"error: --text-pool: {e}")
+        raise SystemExit(f"error: text pool: {e}")
     print0(f"text pool: {len(pool) * world_size} prompts (~{len(pool)} on each of {world_size} ranks)")
     conditioner = RandomConditioner(pool, noise_scheduler.config.num_train_timesteps,
                                     schedule=args.rc_schedule if args.random_conditioning else "none",

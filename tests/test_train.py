@@ -27,8 +27,8 @@ FAST = ["--resolution", "64", "--gen-steps", "2", "--batch-size", "2", "--total-
         "--validate-every", "0", "--log-every", "1", "--no-gradient-checkpointing"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():  # module scope: it must also cover the module's cache fixture
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
