@@ -380,6 +380,11 @@ def test_bad_inputs_give_one_line_errors(tiny_sd, cache, texts, tmp_path):
     (tmp_path / "imgs").mkdir()
     (tmp_path / "imgs" / "metadata.jsonl").write_text(json.dumps({"file_name": "gone.png", "text": "a cat"}))
     assert "1 listed images are missing" in error_of(tiny_sd, tmp_path / "d3", out, "--images", str(tmp_path / "imgs"))
+    # a wrong student or pool file is reported before hours of cache building, not after
+    prompts = str(texts[0])
+    error_of(tiny_sd, tmp_path / "d4", out, "--prompts", prompts, "--student", "bk_huge")
+    error_of(tiny_sd, tmp_path / "d4", out, "--prompts", prompts, "--text-pool", str(tmp_path / "missing.txt"))
+    assert not (tmp_path / "d4").exists()
     before = sorted(p.name for p in cache.iterdir())
     assert json.loads((cache / "meta.json").read_text())["num_samples"] == 8 and before == sorted(p.name for p in cache.iterdir())
 
