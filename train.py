@@ -63,7 +63,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--gen-guidance", type=float, default=7.5, help="classifier-free guidance for --prompts")
     # random conditioning
     p.add_argument("--text-pool", nargs="+", default=[], help="extra prompt files for the pool (the paired captions are always in it)")
-    p.add_argument("--random-conditioning", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--random-conditioning", action=argparse.BooleanOptionalAction, default=True,
+                   help="swap captions for pool prompts with probability p(t); off: plain distillation")
     p.add_argument("--rc-schedule", choices=SCHEDULES, default="exp", help="p(t) schedule")
     p.add_argument("--rc-lambda", type=float, default=5.0, help="lambda in p(t) = exp(-lambda (1 - t/T))")
     p.add_argument("--null-prob", type=float, default=0.1, help="probability of the empty caption (for CFG)")
@@ -82,14 +83,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lambda-rel", type=float, default=0.0, help="relational KD weight (RDD)")
     p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="fp16",
                    help="autocast dtype on CUDA (the paper: fp16; bf16 needs no loss scaling); CPU runs fp32")
-    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
+                   help="recompute student activations in backward: less memory, about a third more compute")
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="keep an EMA of the student")
     p.add_argument("--ema-decay", type=float, default=0.9999)
     p.add_argument("--compile", action="store_true", help="torch.compile the resnet and transformer blocks")
     # output
     p.add_argument("--output-dir", required=True)
     p.add_argument("--checkpoint-every", type=int, default=1000)
-    p.add_argument("--keep-checkpoints", type=int, default=2)
+    p.add_argument("--keep-checkpoints", type=int, default=2, help="how many of the latest checkpoints to keep")
     p.add_argument("--resume", nargs="?", const="latest", default=None, help="'latest' in --output-dir, or a checkpoint file")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--log-every", type=int, default=10, help="steps between log lines (and NaN checks)")
@@ -689,7 +691,7 @@ def _train(args, ddp, rank, world_size, device) -> nn.Module | None:
                          "args": {k: v for k, v in vars(args).items()}}
                 (out / "checkpoints").mkdir(parents=True, exist_ok=True)
                 atomic_save(out / "checkpoints" / f"step-{step:07d}.pt", lambda p: torch.save(state, p))
-                for old in sorted((out / "checkpoints").glob("step-*.pt"))[:-args.keep_checkpoints]:
+                for old in sorted((out / "checkpoints").glob("step-*.pt"))[:-max(1, args.keep_checkpoints)]:
                     old.unlink()
         if rank == 0 and args.validate_every and (step % args.validate_every == 0 or last):
             validate(unet, teacher_parts, args, resolution, autocast, out / "samples" / f"step-{step:07d}.png")
