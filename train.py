@@ -561,7 +561,9 @@ def _train(args, ddp, rank, world_size, device) -> nn.Module | None:
         from diffusers.models.attention import BasicTransformerBlock
         from diffusers.models.resnet import ResnetBlock2D
 
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        cfg = torch._dynamo.config
+        limit = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"  # torch < 2.6
+        setattr(cfg, limit, max(getattr(cfg, limit), 64))
         for m in list(unet.modules()) + list(teacher.modules()):
             if isinstance(m, (BasicTransformerBlock, ResnetBlock2D)):
                 m.compile()
