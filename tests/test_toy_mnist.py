@@ -198,3 +198,13 @@ def test_quick_preset_end_to_end(tmp_path, monkeypatch, images):
         assert again["models"]["teacher"] == report["models"]["teacher"]
         assert again["judge_heldout_accuracy"] == report["judge_heldout_accuracy"]
         assert again["timings_s"]["teacher"] < 2
+
+
+@needs_mnist
+def test_quick_ablation_covers_every_schedule(tmp_path):
+    report = tm.main(["--preset", "quick", "--data-dir", str(MNIST_DIR), "--out", str(tmp_path), "--ablate",
+                      "--threads", "1"])
+    got = {(r["schedule"], r["lam"]) for r in report["ablation"]}
+    assert got >= {(s, lam) for s, lam in tm.ABLATION}
+    assert all(0 <= r["unseen_mean"] <= 1 and 0 <= r["seen_mean"] <= 1 for r in report["ablation"])
+    assert (tmp_path / "ablation.png").stat().st_size > 0
