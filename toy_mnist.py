@@ -105,33 +105,36 @@ def parse_args(argv: list[str] | None = None) -> Config:
     p.add_argument("--data-dir", default=d.data_dir, help="folder with the MNIST IDX files (.gz or raw); "
                    "downloaded there when missing")
     p.add_argument("--out", default=d.out, help="checkpoints, figures and results.json")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="default")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="default",
+                   help="default: the README's run; quick: tiny models and few steps, for tests")
     p.add_argument("--unseen", type=int, nargs="+", default=d.unseen, help="digits the students never see")
     p.add_argument("--images", choices=["real", "teacher"], default=d.images,
                    help="students' training images: real digits, or teacher samples of the seen digits")
     p.add_argument("--retrain", action="store_true", help="retrain teacher and judge even if saved")
     p.add_argument("--ablate", action="store_true", help="also train students for every p(t) schedule")
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--seed", type=int, default=d.seed, help="seeds data order, noise and initial weights")
     p.add_argument("--device", default=d.device, help="auto | cpu | cuda | mps")
     p.add_argument("--threads", type=int, default=d.threads,
                    help="CPU threads (0: torch's default); 1 is faster on a CPU that other jobs keep busy")
     # the method (defaults as published, see randcond.py)
-    p.add_argument("--rc-schedule", default=d.rc_schedule, choices=randcond.SCHEDULES)
-    p.add_argument("--rc-lambda", type=float, default=d.rc_lambda)
-    p.add_argument("--lambda-out", type=float, default=d.lambda_out)
-    p.add_argument("--lambda-feat", type=float, default=d.lambda_feat)
-    # sizes and steps (None: the preset's value)
-    p.add_argument("--teacher-steps", type=int)
-    p.add_argument("--student-steps", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--samples-per-digit", type=int)
-    p.add_argument("--sample-steps", type=int, help="DDIM steps")
-    p.add_argument("--guidance", type=float, help="classifier-free guidance scale")
+    p.add_argument("--rc-schedule", default=d.rc_schedule, choices=randcond.SCHEDULES, help="p(t) of the RC student")
+    p.add_argument("--rc-lambda", type=float, default=d.rc_lambda, help="lambda of p(t) (constant: p itself)")
+    p.add_argument("--lambda-out", type=float, default=d.lambda_out, help="weight of the output KD loss")
+    p.add_argument("--lambda-feat", type=float, default=d.lambda_feat, help="weight of the feature KD loss")
+    # sizes and steps: left out, the preset's value (default preset in brackets)
+    p.add_argument("--teacher-steps", default=argparse.SUPPRESS, type=int, help=f"[{d.teacher_steps}]")
+    p.add_argument("--student-steps", default=argparse.SUPPRESS, type=int, help=f"[{d.student_steps}]")
+    p.add_argument("--batch-size", default=argparse.SUPPRESS, type=int, help=f"[{d.batch_size}]")
+    p.add_argument("--samples-per-digit", default=argparse.SUPPRESS, type=int,
+                   help=f"samples the judge scores per digit [{d.samples_per_digit}]")
+    p.add_argument("--sample-steps", default=argparse.SUPPRESS, type=int, help=f"DDIM steps [{d.sample_steps}]")
+    p.add_argument("--guidance", default=argparse.SUPPRESS, type=float,
+                   help=f"classifier-free guidance scale [{d.guidance:g}]")
     args = p.parse_args(argv)
 
     cfg = replace(d, **PRESETS[args.preset])
     for k, v in vars(args).items():
-        if k != "preset" and v is not None and hasattr(cfg, k):
+        if k != "preset" and hasattr(cfg, k):
             setattr(cfg, k, v)
     if not all(0 <= u <= 9 for u in cfg.unseen) or len(set(cfg.unseen)) == 10:
         p.error("--unseen takes digits 0-9 and must leave at least one digit seen")
@@ -478,12 +481,13 @@ class Arm:
     name: str
     schedule: str
     lam: float
-    student: UNet = None
-    distiller: randcond.FeatureDistiller = None
-    opt: torch.optim.Optimizer = None
-    conditioner: randcond.RandomConditioner = None
-    generator: torch.Generator = None
-    seconds: float = 0.0
+    # built by train_students
+    student: UNet | None = None
+    distiller: randcond.FeatureDistiller | None = None  # its parameters() are the 1x1 projections
+    opt: torch.optim.Optimizer | None = None
+    conditioner: randcond.RandomConditioner | None = None
+    generator: torch.Generator | None = None
+    seconds: float = 0.0  # wall time of this arm's steps (teacher forward included)
 
 
 def train_students(cfg: Config, arms: list[Arm], teacher: UNet, x: Tensor, y: Tensor, device: torch.device,
@@ -507,7 +511,7 @@ def train_students(cfg: Config, arms: list[Arm], teacher: UNet, x: Tensor, y: Te
                                                      null_prob=cfg.null_prob, null_condition=10)
         arm.generator = torch.Generator().manual_seed(cfg.seed + 3)
         arm.student.train()
-    bar = tqdm(range(cfg.student_steps), desc="students (" + ", ".join(a.name for a in arms) + ")", dynamic_ncols=True)
+    bar = tqdm(range(cfg.student_steps), desc=f"{len(arms)} students", dynamic_ncols=True)
     for step in bar:
         idx = torch.randint(len(x), (cfg.batch_size,), generator=g)
         timesteps = torch.randint(0, cfg.num_train_timesteps, (cfg.batch_size,), generator=g)
@@ -531,7 +535,8 @@ def train_students(cfg: Config, arms: list[Arm], teacher: UNet, x: Tensor, y: Te
             loss.backward()
             arm.opt.step()
             arm.seconds += time.perf_counter() - t0
-            logs[arm.name] = f"{loss_kd_out.item():.3f}/{loss_kd_feat.item():.3f}"
+            short = arm.name.removeprefix("student_").removeprefix("ablate_")
+            logs[short] = f"{loss_kd_out.item():.3f}/{loss_kd_feat.item():.3f}"  # loss_kd_out / loss_kd_feat
         if step % 20 == 0:
             bar.set_postfix(logs)
     for arm in arms:
