@@ -666,7 +666,7 @@ def save_ablation_plot(rows: list[dict], path: Path) -> None:
     ax.set_xticklabels(names, fontsize=8)
     ax.set_ylabel("judge accuracy")
     ax.set_ylim(0, 1)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="lower left", bbox_to_anchor=(0, 1), ncol=2, frameon=False)
     fig.tight_layout()
     save_png(fig, path)
 
