@@ -671,6 +671,7 @@ def _train(args, ddp, rank, world_size, device) -> nn.Module | None:
                 dist.all_reduce(logged)
             vals = (logged / (steps_since * world_size)).tolist()
             if not all(math.isfinite(v) for v in vals):
+                bar.close()
                 raise SystemExit(f"error: loss is {vals[0]} at step {step}; lower --lr or use --mixed-precision bf16 "
                                  f"(checkpoints up to step {step - steps_since} are intact)")
             dt = (time.time() - t_last) / steps_since
