@@ -167,12 +167,13 @@ class TextPool:
         if path.suffix == ".gz":
             text = self._cache_path(path, ".rctxt")
             if not _fresh(text, path):
-                with gzip.open(path, "rb") as src, open(text.with_suffix(".tmp"), "wb") as dst:
+                tmp = text.with_name(f"{text.name}.{os.getpid()}.tmp")  # ranks may unpack at once
+                with gzip.open(path, "rb") as src, open(tmp, "wb") as dst:
                     while chunk := src.read(1 << 24):
                         dst.write(chunk)
-                os.replace(text.with_suffix(".tmp"), text)
                 st = path.stat()
-                os.utime(text, ns=(st.st_atime_ns, st.st_mtime_ns))  # ties the copy to its source
+                os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns))  # ties the copy to its source
+                os.replace(tmp, text)
         index = self._cache_path(path, ".rcidx")
         st = text.stat()
         if index.is_file():

@@ -532,3 +532,36 @@ def test_relational_loss_memory_is_bounded_at_batch_64():
         torch.nn.functional.adaptive_avg_pool2d(s, 16), torch.nn.functional.adaptive_avg_pool2d(t, 16)
     )
     assert loss.item() == pytest.approx(pooled.item(), rel=1e-5)
+
+
+_OPEN_AT = """
+import sys, time
+sys.path.insert(0, sys.argv[1])
+import randcond
+from pathlib import Path
+time.sleep(max(0.0, float(sys.argv[3]) - time.time()))  # all processes open at the same moment
+pool = randcond.TextPool(Path(sys.argv[2]))
+print(len(pool), pool[0], pool[len(pool) - 1], pool[len(pool) // 2])
+"""
+
+
+@pytest.mark.slow
+def test_text_pool_gzip_opened_by_several_processes_at_once(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+
+    n = 300_000
+    path = tmp_path / "pool.txt.gz"
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        f.writelines(f"prompt number {i} of the pool\n" for i in range(n))
+    start = time.time() + 8  # after the interpreters and torch have started
+    procs = [subprocess.Popen([sys.executable, "-c", _OPEN_AT, str(ROOT), str(path), str(start)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    expected = f"{n} prompt number 0 of the pool prompt number {n - 1} of the pool prompt number {n // 2} of the pool"
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err[-2000:]
+        assert out.strip() == expected
