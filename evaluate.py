@@ -132,14 +132,14 @@ def load_prompts(path: str, column: Optional[str] = None) -> list[str]:
             with open(file, newline="", encoding="utf-8") as f:
                 rows = list(csv.DictReader(f))
         else:
-            rows = [json.loads(line) for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+            rows = [json.loads(line) for line in file.read_text(encoding="utf-8").split("\n") if line.strip()]
         keys = list(rows[0]) if rows else []
         col = column or next((k for k in ("text", "caption", "prompt") if k in keys), None)
         if rows and col not in keys:
             fail(f"{path} has no column {column or 'text, caption or prompt'} (it has {', '.join(keys)})")
         prompts = [str(r[col]) for r in rows]
     else:
-        prompts = [line.strip() for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        prompts = [line.strip() for line in file.read_text(encoding="utf-8").split("\n") if line.strip()]
     if not prompts:
         fail(f"no prompts in {path}")
     return prompts
@@ -150,7 +150,7 @@ def load_subset(spec: str, prompts: list[str]) -> tuple[str, list[int]]:
     name, sep, path = spec.partition("=")
     if not sep or not name or not Path(path).is_file():
         fail(f"--subset {spec}: expected NAME=FILE with an existing file")
-    lines = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    lines = [line.strip() for line in Path(path).read_text(encoding="utf-8").split("\n") if line.strip()]
     if all(line.isdigit() for line in lines):
         ids = sorted({int(line) for line in lines})
         bad = [i for i in ids if i >= len(prompts)]

@@ -276,7 +276,7 @@ def n_params(m: nn.Module) -> str:
 def read_lines(path: str) -> list[str]:
     if not Path(path).is_file():
         raise SystemExit(f"error: --prompts file not found: {path}")
-    lines = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    lines = [line.strip() for line in Path(path).read_text(encoding="utf-8").split("\n") if line.strip()]
     if not lines:
         raise SystemExit(f"error: --prompts {path} has no prompt (one per line)")
     return lines
@@ -287,7 +287,7 @@ def read_image_captions(folder: str) -> list[tuple[str, str]]:
 
     root = Path(folder)
     if (root / "metadata.jsonl").is_file():
-        rows = [json.loads(line) for line in (root / "metadata.jsonl").read_text(encoding="utf-8").splitlines() if line.strip()]
+        rows = [json.loads(line) for line in (root / "metadata.jsonl").read_text(encoding="utf-8").split("\n") if line.strip()]
     elif (root / "metadata.csv").is_file():
         with open(root / "metadata.csv", newline="", encoding="utf-8") as f:
             rows = list(csv.DictReader(f))

@@ -397,3 +397,13 @@ def test_one_and_two_processes_agree(tiny_sd, tmp_path, prompt_file):
     assert max(np.abs(one[k] - two[k]).max() for k in one) <= 1
     for key in ("fid", "is_mean", "clip_score"):
         assert reports[0][key] == pytest.approx(reports[1][key], rel=1e-3)
+
+
+def test_prompt_files_split_on_newlines_only(tmp_path):
+    # U+2028 and U+0085 occur inside web captions; str.splitlines() would shift every later prompt id
+    txt = tmp_path / "prompts.txt"
+    txt.write_text("a cat\u2028on a mat\r\nsecond\u0085prompt\n\nthird\n", encoding="utf-8")
+    assert evaluate.load_prompts(str(txt)) == ["a cat\u2028on a mat", "second\u0085prompt", "third"]
+    jsonl = tmp_path / "prompts.jsonl"
+    jsonl.write_text('{"text": "a cat\u2028on a mat"}\n{"text": "b"}\n', encoding="utf-8")
+    assert evaluate.load_prompts(str(jsonl)) == ["a cat\u2028on a mat", "b"]

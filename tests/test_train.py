@@ -418,3 +418,10 @@ def test_bench_train_step_prints_its_figures_as_json():
     # a memory-mapped batch read beats 2 x 64 file opens and unpicklings by far, even on a busy machine
     assert figures["loader_ratio"] > 2
     assert "step ratio (target <= 1.10)" in r.stdout
+
+
+def test_prompt_files_split_on_newlines_only(tmp_path):
+    # U+2028 and U+0085 occur inside web captions; str.splitlines() would cut the prompt in two
+    path = tmp_path / "prompts.txt"
+    path.write_text("a cat\u2028on a mat\r\nsecond\u0085prompt\n\nthird\n", encoding="utf-8")
+    assert train.read_lines(str(path)) == ["a cat\u2028on a mat", "second\u0085prompt", "third"]
