@@ -9,7 +9,7 @@ contrast, a small classifier distilled from the judge's soft labels on the same 
 recognises the unseen digit: classification transfers "dark knowledge", diffusion needs RC.
 
     python toy_mnist.py                                  # default preset (downloads MNIST to ./data/mnist)
-    python toy_mnist.py --data-dir ../shared/data/mnist  # use IDX files already on disk
+    python toy_mnist.py --data-dir DIR                   # use IDX files already on disk
     python toy_mnist.py --preset quick                   # well under a minute on a CPU (the tests run it)
     python toy_mnist.py --ablate                         # students for every p(t) schedule, one table
     python toy_mnist.py --images teacher                 # image-free: students see teacher samples only
@@ -223,7 +223,7 @@ def download(name: str, data_dir: Path, timeout: float = 20) -> Path:
             errors.append(f"{mirror}: {e}")
             tmp.unlink(missing_ok=True)
     raise SystemExit(f"error: MNIST is not in {data_dir} and could not be downloaded ({errors[-1]}); "
-                     f"pass --data-dir DIR with the IDX files (e.g. --data-dir ../shared/data/mnist)")
+                     f"pass --data-dir DIR with the IDX files (train-images-idx3-ubyte.gz, ...)")
 
 
 def load_mnist(data_dir: str | Path, seed: int = 0) -> dict[str, Tensor]:
