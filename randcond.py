@@ -31,6 +31,7 @@ A training step reads:
 
 from __future__ import annotations
 
+import bisect
 import copy
 import gzip
 import hashlib
@@ -229,7 +230,7 @@ class TextPool:
         i = self._start + (i % n)
         if self._prompts is not None:
             return self._prompts[i]
-        k = _bisect_right(self._cum, i) - 1
+        k = bisect.bisect_right(self._cum, i) - 1  # which file
         text, offsets = self._maps[k]
         start = offsets[i - self._cum[k]]
         end = text.find(b"\n", start)
@@ -261,17 +262,6 @@ class TextPool:
 
 def _fresh(copy_path: Path, source: Path) -> bool:
     return copy_path.is_file() and copy_path.stat().st_mtime_ns == source.stat().st_mtime_ns
-
-
-def _bisect_right(a: list[int], x: int) -> int:
-    lo, hi = 0, len(a)
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if x < a[mid]:
-            hi = mid
-        else:
-            lo = mid + 1
-    return lo
 
 
 def _scan_offsets(path: Path, shown_name: Path) -> array:
@@ -351,15 +341,12 @@ class RandomConditioner:
         replace = random_condition_mask(timesteps, self.num_train_timesteps, self.schedule, self.lam, generator)
         replace = replace.cpu()
         device = generator.device if generator is not None else "cpu"
-        if self.labels is not None:
-            draw = self.labels[torch.randint(len(self.labels), (B,), generator=generator, device=device).cpu()]
-        else:
-            draw = torch.randint(len(self.pool), (B,), generator=generator, device=device).cpu()
+        n_pool = len(self.labels) if self.labels is not None else len(self.pool)
+        draw = torch.randint(n_pool, (B,), generator=generator, device=device).cpu()  # a pool index per sample
         null = _rand(B, generator) < self.null_prob
 
         if self.labels is not None:  # (B,) label ids, vectorised
-            labels = conditions.cpu()
-            selected = torch.where(replace, draw, labels)
+            selected = torch.where(replace, self.labels[draw], conditions.cpu())
             selected = torch.where(null, torch.full_like(selected, self.null_condition), selected)
             selected = selected.to(conditions.device)
         else:
