@@ -16,6 +16,7 @@ Prompt i gets its own generator seeded with seed + i, so an image depends neithe
 on the number of processes. Images already in OUT/images are kept (the run is resumable); metrics are
 computed from the PNGs on disk, so scoring never sees an image that did not survive a crash.
 """
+
 import argparse
 import csv
 import datetime
@@ -24,7 +25,6 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
@@ -39,16 +39,21 @@ DEFAULT_CLIP = "laion/CLIP-ViT-g-14-laion2B-s34B-b88K"
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenCLIP uses these for the LAION models as well
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
-SCHEDULERS = {"pndm": "PNDMScheduler", "ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler",
-              "dpm": "DPMSolverMultistepScheduler"}
+SCHEDULERS = {
+    "pndm": "PNDMScheduler",
+    "ddim": "DDIMScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "dpm": "DPMSolverMultistepScheduler",
+}
 
 # -----------------------------------------------------------------------------
 # config
 
 
-def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
         pass
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=Formatter)
     # what to generate
     p.add_argument("--model", help="diffusers pipeline folder or hub id; omit to score the images in --out-dir")
@@ -66,19 +71,32 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=1234, help="prompt i uses seed + i")
     p.add_argument("--batch-size", type=int, default=8, help="per process, generation and feature extraction")
     p.add_argument("--resize", type=int, default=256, help="saved PNG size (0 keeps the generated size)")
-    p.add_argument("--dtype", choices=["auto", "fp16", "bf16", "fp32"], default="auto",
-                   help="generation dtype; auto: fp16 on CUDA, fp32 on CPU (metrics always run in fp32)")
+    p.add_argument(
+        "--dtype",
+        choices=["auto", "fp16", "bf16", "fp32"],
+        default="auto",
+        help="generation dtype; auto: fp16 on CUDA, fp32 on CPU (metrics always run in fp32)",
+    )
     # how to score
     p.add_argument("--metrics", default="fid,is,clip", help="comma list of fid, is, clip; 'none' only generates")
     p.add_argument("--ref", help="FID reference: a folder of real images (one size) or a .npz with mu, sigma")
     p.add_argument("--save-ref-stats", help="save the statistics of the --ref folder to this .npz (reuse it as --ref)")
-    p.add_argument("--ref-resize", type=int, default=0,
-                   help="resize each --ref image to SxS first (bicubic, no crop, as BK-SDM prepares val2014); 0: as is")
+    p.add_argument(
+        "--ref-resize",
+        type=int,
+        default=0,
+        help="resize each --ref image to SxS first (bicubic, no crop, as BK-SDM prepares val2014); 0: as is",
+    )
     p.add_argument("--inception-weights", help="local torch-fidelity Inception file (default: download by name)")
     p.add_argument("--clip-model", default=DEFAULT_CLIP, help="transformers CLIPModel hub id or local folder")
     p.add_argument("--is-splits", type=int, default=10)
-    p.add_argument("--subset", action="append", default=[], metavar="NAME=FILE",
-                   help="also score the prompts listed in FILE (ids or exact texts, one per line); repeatable")
+    p.add_argument(
+        "--subset",
+        action="append",
+        default=[],
+        metavar="NAME=FILE",
+        help="also score the prompts listed in FILE (ids or exact texts, one per line); repeatable",
+    )
     p.add_argument("--compare", nargs="+", metavar="METRICS_JSON", help="print metrics.json files side by side, exit")
     return p.parse_args(argv)
 
@@ -122,7 +140,7 @@ def print0(*args, **kwargs):
 # prompts and subsets
 
 
-def load_prompts(path: str, column: Optional[str] = None) -> list[str]:
+def load_prompts(path: str, column: str | None = None) -> list[str]:
     """Prompt i is the i-th row (csv / jsonl) or non-empty line (txt); image i is OUT/images/{i:06d}.png."""
     file = Path(path)
     if not file.is_file():
@@ -189,8 +207,9 @@ def load_pipeline(args, device: torch.device, dtype: torch.dtype):
         kwargs["unet"] = UNet2DConditionModel.from_pretrained(unet_dir, torch_dtype=dtype)
     try:
         # the paper's evaluation turns the NSFW filter off: its black images would count in FID
-        pipe = StableDiffusionPipeline.from_pretrained(args.model, torch_dtype=dtype, safety_checker=None,
-                                                       requires_safety_checker=False, **kwargs)
+        pipe = StableDiffusionPipeline.from_pretrained(
+            args.model, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False, **kwargs
+        )
     except (OSError, ValueError) as e:
         fail(f"cannot load pipeline {args.model}: {str(e).splitlines()[0]}")
     if args.scheduler:
@@ -199,7 +218,7 @@ def load_pipeline(args, device: torch.device, dtype: torch.dtype):
     return pipe.to(device)
 
 
-def check_record(out_dir: Path, prompts: list[str], settings: Optional[dict] = None) -> dict:
+def check_record(out_dir: Path, prompts: list[str], settings: dict | None = None) -> dict:
     """OUT/generation.json keeps the settings and prompts the images were made with. A resumed run must use the
     same settings, and every run the same prompt for each image id (more or fewer prompts are fine)."""
     record = out_dir / "generation.json"
@@ -209,7 +228,7 @@ def check_record(out_dir: Path, prompts: list[str], settings: Optional[dict] = N
     for i, (a, b) in enumerate(zip(old["prompts"], prompts)):
         if a != b:
             fail(f"image {i} in {out_dir} was made for the prompt {a!r}, not {b!r}; use another --out-dir")
-    return {"settings": old["settings"], "prompts": prompts + old["prompts"][len(prompts):]}
+    return {"settings": old["settings"], "prompts": prompts + old["prompts"][len(prompts) :]}
 
 
 def save_png(image: Image.Image, path: Path):
@@ -223,9 +242,17 @@ def generate(args, prompts: list[str], image_dir: Path, device: torch.device, dt
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     pipe = load_pipeline(args, device, dtype)
     # everything that changes the pixels
-    settings = {"model": args.model, "unet": args.unet, "scheduler": type(pipe.scheduler).__name__,
-                "resolution": args.resolution, "steps": args.steps, "guidance": args.guidance, "seed": args.seed,
-                "resize": args.resize, "dtype": str(pipe.unet.dtype).removeprefix("torch.")}
+    settings = {
+        "model": args.model,
+        "unet": args.unet,
+        "scheduler": type(pipe.scheduler).__name__,
+        "resolution": args.resolution,
+        "steps": args.steps,
+        "guidance": args.guidance,
+        "seed": args.seed,
+        "resize": args.resize,
+        "dtype": str(pipe.unet.dtype).removeprefix("torch."),
+    }
     record = check_record(image_dir.parent, prompts, settings)
     # every rank lists the missing images before anyone writes, so all ranks split the same list
     todo = [i for i in range(len(prompts)) if not (image_dir / f"{i:06d}.png").is_file()]
@@ -233,14 +260,22 @@ def generate(args, prompts: list[str], image_dir: Path, device: torch.device, dt
     if rank == 0:
         write_json(image_dir.parent / "generation.json", record)
     mine = todo[rank::world_size]
-    print0(f"generating {len(todo)} of {len(prompts)} images ({len(prompts) - len(todo)} already on disk) "
-           f"on {world_size} process(es)")
+    print0(
+        f"generating {len(todo)} of {len(prompts)} images ({len(prompts) - len(todo)} already on disk) "
+        f"on {world_size} process(es)"
+    )
     for start in tqdm(range(0, len(mine), args.batch_size), desc="generate", disable=rank != 0):
-        ids = mine[start:start + args.batch_size]
+        ids = mine[start : start + args.batch_size]
         # CPU generators: the same initial latents on any device, and one per prompt so batching does not matter
         generators = [torch.Generator("cpu").manual_seed(args.seed + i) for i in ids]
-        images = pipe([prompts[i] for i in ids], height=args.resolution, width=args.resolution,
-                      num_inference_steps=args.steps, guidance_scale=args.guidance, generator=generators).images
+        images = pipe(
+            [prompts[i] for i in ids],
+            height=args.resolution,
+            width=args.resolution,
+            num_inference_steps=args.steps,
+            guidance_scale=args.guidance,
+            generator=generators,
+        ).images
         for i, image in zip(ids, images):
             if args.resize:
                 image = image.resize((args.resize, args.resize), Image.BICUBIC)  # PIL's default, as in BK-SDM
@@ -255,21 +290,25 @@ def generate(args, prompts: list[str], image_dir: Path, device: torch.device, dt
 # feature extractors: Inception-v3 (FID, IS) and CLIP. Tests inject small ones with the same interface.
 
 
-def load_inception(weights: Optional[str]) -> nn.Module:
+def load_inception(weights: str | None) -> nn.Module:
     """torch-fidelity's Inception-v3: the TensorFlow FID network (2015-12-05 weights) that torch-fidelity and
     pytorch-fid both use. Called on uint8 images (B, 3, H, W); returns (pool (B, 2048), logits_unbiased (B, 1008))."""
     try:
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
     except Exception as e:  # not installed, or a torchvision that does not match torch
-        fail(f"FID/IS need torch-fidelity ({type(e).__name__}: {e}); `pip install torch-fidelity` with a torchvision "
-             f"matching your torch, or pass --metrics clip")
+        fail(
+            f"FID/IS need torch-fidelity ({type(e).__name__}: {e}); `pip install torch-fidelity` with a torchvision "
+            f"matching your torch, or pass --metrics clip"
+        )
     if weights and not Path(weights).is_file():
         fail(f"--inception-weights {weights} not found")
     try:
         return FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"], weights)
     except Exception as e:
-        fail(f"cannot load the Inception weights ({type(e).__name__}); offline, download "
-             f"weights-inception-2015-12-05-6726825d.pth from the torch-fidelity releases and pass --inception-weights")
+        fail(
+            f"cannot load the Inception weights ({type(e).__name__}); offline, download "
+            f"weights-inception-2015-12-05-6726825d.pth from the torch-fidelity releases and pass --inception-weights"
+        )
 
 
 class ClipScorer:
@@ -284,18 +323,26 @@ class ClipScorer:
     def load(cls, name: str, device: torch.device) -> "ClipScorer":
         from transformers import AutoTokenizer, CLIPModel
         from transformers.utils import cached_file
+
         if name.startswith(("/", ".", "~")) and not Path(name).expanduser().is_dir():
             fail(f"--clip-model {name}: no such folder")
         try:
             model = CLIPModel.from_pretrained(name, torch_dtype=torch.float32).to(device)
             tokenizer = AutoTokenizer.from_pretrained(name)
         except OSError as e:
-            fail(f"cannot load CLIP model {name} ({str(e).splitlines()[0]}); download it once with "
-                 f"`hf download {name}` or pass a local folder as --clip-model, or leave clip out of --metrics")
+            fail(
+                f"cannot load CLIP model {name} ({str(e).splitlines()[0]}); download it once with "
+                f"`hf download {name}` or pass a local folder as --clip-model, or leave clip out of --metrics"
+            )
         pre = cached_file(name, "preprocessor_config.json", _raise_exceptions_for_missing_entries=False)
         pre = json.loads(Path(pre).read_text()) if pre else {}
-        return cls(model, tokenizer, model.config.vision_config.image_size,
-                   pre.get("image_mean", OPENAI_CLIP_MEAN), pre.get("image_std", OPENAI_CLIP_STD))
+        return cls(
+            model,
+            tokenizer,
+            model.config.vision_config.image_size,
+            pre.get("image_mean", OPENAI_CLIP_MEAN),
+            pre.get("image_std", OPENAI_CLIP_STD),
+        )
 
     def pixels(self, images: list[Image.Image]) -> Tensor:
         out = []
@@ -311,8 +358,13 @@ class ClipScorer:
     @torch.no_grad()
     def __call__(self, images: list[Image.Image], texts: list[str]) -> Tensor:
         device = next(self.model.parameters()).device
-        tokens = self.tokenizer(texts, padding=True, truncation=True, return_tensors="pt",
-                                max_length=self.model.config.text_config.max_position_embeddings).to(device)
+        tokens = self.tokenizer(
+            texts,
+            padding=True,
+            truncation=True,
+            return_tensors="pt",
+            max_length=self.model.config.text_config.max_position_embeddings,
+        ).to(device)
         image_emb = self.model.get_image_features(pixel_values=self.pixels(images).to(device))
         text_emb = self.model.get_text_features(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask)
         # transformers 5 returns a model output with the projected embedding as pooler_output; 4.x a tensor
@@ -327,16 +379,23 @@ def load_rgb(path: Path) -> Image.Image:
 
 
 @torch.no_grad()
-def extract(paths: list[Path], texts: Optional[list[str]], inception: Optional[nn.Module],
-            clip: Optional[ClipScorer], batch_size: int, device: torch.device, desc: str,
-            resize: int = 0) -> dict[str, Tensor]:
+def extract(
+    paths: list[Path],
+    texts: list[str] | None,
+    inception: nn.Module | None,
+    clip: ClipScorer | None,
+    batch_size: int,
+    device: torch.device,
+    desc: str,
+    resize: int = 0,
+) -> dict[str, Tensor]:
     """Features of this rank's share of paths, gathered on rank 0 in the original order (other ranks get {})."""
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     ids = list(range(rank, len(paths), world_size))
     feats: dict[str, list[Tensor]] = {"pool": [], "logits": [], "clip": []}
     size = (resize, resize) if resize else load_rgb(paths[0]).size
     for start in tqdm(range(0, len(ids), batch_size), desc=desc, disable=rank != 0):
-        batch = ids[start:start + batch_size]
+        batch = ids[start : start + batch_size]
         images = [load_rgb(paths[i]) for i in batch]
         if resize:
             images = [im.resize((resize, resize), Image.BICUBIC) for im in images]
@@ -415,7 +474,7 @@ def inception_score(logits: Tensor, splits: int) -> tuple[float, float]:
     return float(mean), float(std)
 
 
-def load_reference(ref: str, inception: Optional[nn.Module], batch_size: int, device: torch.device, resize: int = 0):
+def load_reference(ref: str, inception: nn.Module | None, batch_size: int, device: torch.device, resize: int = 0):
     """A .npz of statistics, or a folder of real images whose statistics are computed here (rank 0 gets them)."""
     path = Path(ref)
     if path.is_file():
@@ -435,13 +494,16 @@ def load_reference(ref: str, inception: Optional[nn.Module], batch_size: int, de
         fail(f"reference {ref} not found")
     dim = len(stats["mu"])
     if "n" in stats and int(stats["n"]) <= dim:
-        fail(f"reference {ref} has {int(stats['n'])} images; a {dim}-dim covariance needs more than {dim} "
-             f"(the protocol uses the 40,504 val2014 images)")
+        fail(
+            f"reference {ref} has {int(stats['n'])} images; a {dim}-dim covariance needs more than {dim} "
+            f"(the protocol uses the 40,504 val2014 images)"
+        )
     return stats
 
 
-def score(feats: dict[str, Tensor], sets: dict[str, list[int]], metrics: list[str], ref: Optional[dict],
-          is_splits: int) -> dict[str, dict]:
+def score(
+    feats: dict[str, Tensor], sets: dict[str, list[int]], metrics: list[str], ref: dict | None, is_splits: int
+) -> dict[str, dict]:
     """Every metric on every set of image ids ("all" and the subsets), from features extracted once."""
     if "fid" in metrics and len(ref["mu"]) != feats["pool"].shape[1]:
         fail(f"the reference has {len(ref['mu'])}-dim statistics, the Inception gives {feats['pool'].shape[1]}")
@@ -450,8 +512,10 @@ def score(feats: dict[str, Tensor], sets: dict[str, list[int]], metrics: list[st
         m = {"n": len(ids)}
         if "fid" in metrics:
             if len(ids) <= feats["pool"].shape[1]:
-                print(f"warning: FID of '{name}' from {len(ids)} images <= feature dim {feats['pool'].shape[1]} "
-                      f"is biased upwards; compare it only with sets of the same size")
+                print(
+                    f"warning: FID of '{name}' from {len(ids)} images <= feature dim {feats['pool'].shape[1]} "
+                    f"is biased upwards; compare it only with sets of the same size"
+                )
             m["fid"] = frechet_distance(ref, feats["pool"][ids])
         if "is" in metrics:
             m["is_mean"], m["is_std"] = inception_score(feats["logits"][ids], is_splits)
@@ -467,6 +531,7 @@ def score(feats: dict[str, Tensor], sets: dict[str, list[int]], metrics: list[st
 
 def versions() -> dict[str, str]:
     import importlib.metadata as md
+
     out = {"python": sys.version.split()[0]}
     for pkg in ("torch", "diffusers", "transformers", "torchmetrics", "torch-fidelity", "numpy", "scipy", "pillow"):
         try:
@@ -479,11 +544,14 @@ def versions() -> dict[str, str]:
 def table(rows: list[tuple[str, str, dict]]) -> str:
     def fmt(v, spec):
         return "-" if v is None else format(v, spec)
+
     lines = [f"{'model':<28} {'set':<12} {'n':>7} {'FID':>8} {'IS':>16} {'CLIP':>7}"]
     for model, name, m in rows:
         is_ = "-" if m.get("is_mean") is None else f"{m['is_mean']:.2f} ± {m['is_std']:.2f}"
-        lines.append(f"{model[-28:]:<28} {name[:12]:<12} {m['n']:>7} {fmt(m.get('fid'), '8.2f'):>8} "
-                     f"{is_:>16} {fmt(m.get('clip_score'), '7.4f'):>7}")
+        lines.append(
+            f"{model[-28:]:<28} {name[:12]:<12} {m['n']:>7} {fmt(m.get('fid'), '8.2f'):>8} "
+            f"{is_:>16} {fmt(m.get('clip_score'), '7.4f'):>7}"
+        )
     return "\n".join(lines)
 
 
@@ -508,7 +576,7 @@ def write_json(path: Path, obj: dict):
 # main
 
 
-def main(argv: Optional[list[str]] = None, inception: Optional[nn.Module] = None, clip: Optional[ClipScorer] = None):
+def main(argv: list[str] | None = None, inception: nn.Module | None = None, clip: ClipScorer | None = None):
     args = parse_args(argv)
     if args.compare:
         return compare(args.compare)
@@ -523,7 +591,7 @@ def main(argv: Optional[list[str]] = None, inception: Optional[nn.Module] = None
         fail("--prompts needs --out-dir")
     if args.subset and not args.prompts:
         fail("--subset needs --prompts")
-    prompts = load_prompts(args.prompts, args.prompt_column)[:args.num_prompts] if args.prompts else []
+    prompts = load_prompts(args.prompts, args.prompt_column)[: args.num_prompts] if args.prompts else []
     subsets = dict(load_subset(s, prompts) for s in args.subset)
     if "fid" in metrics and prompts and not args.ref:
         fail("FID needs --ref (a folder of real images or a .npz from --save-ref-stats), or leave fid out of --metrics")
@@ -549,7 +617,8 @@ def main(argv: Optional[list[str]] = None, inception: Optional[nn.Module] = None
         image_dir.mkdir(parents=True, exist_ok=True)
         if args.model:
             dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}.get(
-                args.dtype, torch.float16 if device.type == "cuda" else torch.float32)
+                args.dtype, torch.float16 if device.type == "cuda" else torch.float32
+            )
             generate(args, prompts, image_dir, device, dtype)
         if not metrics:
             return
@@ -562,8 +631,15 @@ def main(argv: Optional[list[str]] = None, inception: Optional[nn.Module] = None
         clip_name = "injected" if clip is not None else args.clip_model
         if "clip" in metrics and clip is None:
             clip = ClipScorer.load(args.clip_model, device)
-        feats = extract(paths, prompts, inception if {"fid", "is"} & set(metrics) else None,
-                        clip if "clip" in metrics else None, args.batch_size, device, "features")
+        feats = extract(
+            paths,
+            prompts,
+            inception if {"fid", "is"} & set(metrics) else None,
+            clip if "clip" in metrics else None,
+            args.batch_size,
+            device,
+            "features",
+        )
         if rank != 0:
             return
 
@@ -573,12 +649,18 @@ def main(argv: Optional[list[str]] = None, inception: Optional[nn.Module] = None
             "metrics": results,
             "protocol": {
                 "generation": settings,
-                "prompts": args.prompts, "image_size": list(load_rgb(paths[0]).size),
-                "fid": {"reference": args.ref, "reference_n": int(ref["n"]) if ref is not None and "n" in ref else None,
-                        "features": type(inception).__name__ if "pool" in feats else None},
+                "prompts": args.prompts,
+                "image_size": list(load_rgb(paths[0]).size),
+                "fid": {
+                    "reference": args.ref,
+                    "reference_n": int(ref["n"]) if ref is not None and "n" in ref else None,
+                    "features": type(inception).__name__ if "pool" in feats else None,
+                },
                 "is": {"splits": args.is_splits, "features": "logits_unbiased" if "logits" in feats else None},
-                "clip": {"model": clip_name if "clip" in feats else None,
-                         "scale": "raw cosine (torchmetrics CLIPScore = 100 x max(cosine, 0))"},
+                "clip": {
+                    "model": clip_name if "clip" in feats else None,
+                    "scale": "raw cosine (torchmetrics CLIPScore = 100 x max(cosine, 0))",
+                },
             },
             "versions": versions(),
         }

@@ -40,8 +40,8 @@ import mmap
 import os
 import struct
 from array import array
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -54,9 +54,7 @@ from torch import Tensor
 SCHEDULES = ("exp", "sigmoid", "two_sided", "constant", "none")
 
 
-def replace_prob(
-    timesteps: Tensor, num_train_timesteps: int = 1000, schedule: str = "exp", lam: float = 5.0
-) -> Tensor:
+def replace_prob(timesteps: Tensor, num_train_timesteps: int = 1000, schedule: str = "exp", lam: float = 5.0) -> Tensor:
     """p(t) for integer timesteps t in [0, T-1]; returns a float tensor of the same shape.
 
     exp        p = exp(-lam * (1 - t/T))                      as published (lam = 5: ~20% swapped)
@@ -129,7 +127,7 @@ class TextPool:
     slice of the text. A .gz file is decompressed once into the cache (gzip cannot seek).
     """
 
-    def __init__(self, source: Union[str, os.PathLike, Sequence], cache_dir: str | os.PathLike | None = None):
+    def __init__(self, source: str | os.PathLike | Sequence, cache_dir: str | os.PathLike | None = None):
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self._prompts: list[str] | None = None
         self._files: list[tuple[Path, Path]] = []  # (text file, index file)
@@ -201,7 +199,7 @@ class TextPool:
                 idx_map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if count else None
             with open(text, "rb") as f:
                 text_map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if count else None
-            offsets = memoryview(idx_map)[_HEADER.size:].cast("Q") if count else memoryview(b"").cast("Q")
+            offsets = memoryview(idx_map)[_HEADER.size :].cast("Q") if count else memoryview(b"").cast("Q")
             self._maps.append((text_map, offsets))
             self._cum.append(self._cum[-1] + count)
         self._total = self._cum[-1]
@@ -243,7 +241,7 @@ class TextPool:
         idx = torch.randint(len(self), (n,), generator=generator, device=device)
         return [self[i] for i in idx.tolist()]
 
-    def shard(self, rank: int, world_size: int) -> "TextPool":
+    def shard(self, rank: int, world_size: int) -> TextPool:
         """The rank-th of world_size contiguous, disjoint slices that together cover the pool."""
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
@@ -306,17 +304,22 @@ class RandomConditioner:
 
     def __init__(
         self,
-        pool: Union[TextPool, Sequence[str], int, Tensor],
+        pool: TextPool | Sequence[str] | int | Tensor,
         num_train_timesteps: int = 1000,
         schedule: str = "exp",
         lam: float = 5.0,
         null_prob: float = 0.1,
-        null_condition: Union[str, int, None] = None,
+        null_condition: str | int | None = None,
     ):
         replace_prob(torch.zeros(1, dtype=torch.long), num_train_timesteps, schedule, lam)  # validates
         if not 0.0 <= null_prob <= 1.0:
             raise ValueError(f"null_prob must be in [0, 1], got {null_prob}")
-        self.num_train_timesteps, self.schedule, self.lam, self.null_prob = num_train_timesteps, schedule, lam, null_prob
+        self.num_train_timesteps, self.schedule, self.lam, self.null_prob = (
+            num_train_timesteps,
+            schedule,
+            lam,
+            null_prob,
+        )
         self.labels: Tensor | None = None
         if isinstance(pool, int):
             self.labels = torch.arange(pool)
@@ -332,8 +335,8 @@ class RandomConditioner:
         self.null_condition = "" if null_condition is None else null_condition
 
     def __call__(
-        self, conditions: Union[Sequence[str], Tensor], timesteps: Tensor, generator: torch.Generator | None = None
-    ) -> tuple[Union[list[str], Tensor], Tensor]:
+        self, conditions: Sequence[str] | Tensor, timesteps: Tensor, generator: torch.Generator | None = None
+    ) -> tuple[list[str] | Tensor, Tensor]:
         """Return (selected conditions, paired) with paired a BoolTensor (B,) on timesteps' device."""
         B = len(conditions)
         if B != len(timesteps):
@@ -398,7 +401,7 @@ class FeatureDistiller(nn.Module):
     so one forward sees every trainable parameter, and leave it out when you export the student.
     """
 
-    def __init__(self, teacher: nn.Module, student: nn.Module, layers: Union[Sequence[str], Mapping[str, str]]):
+    def __init__(self, teacher: nn.Module, student: nn.Module, layers: Sequence[str] | Mapping[str, str]):
         super().__init__()
         pairs = dict(layers) if isinstance(layers, Mapping) else {name: name for name in layers}
         if not pairs:
@@ -422,13 +425,19 @@ class FeatureDistiller(nn.Module):
     def _key(name: str) -> str:
         return name.replace(".", "__")
 
-    def __enter__(self) -> "FeatureDistiller":
+    def __enter__(self) -> FeatureDistiller:
         if self._handles:
             return self
         teacher, student = self._models
         for s_name, t_name in self.pairs.items():
-            self._handles.append(student.get_submodule(s_name).register_forward_hook(self._store(self._student_feats, s_name)))
-            self._handles.append(teacher.get_submodule(t_name).register_forward_hook(self._store(self._teacher_feats, s_name, detach=True)))
+            self._handles.append(
+                student.get_submodule(s_name).register_forward_hook(self._store(self._student_feats, s_name))
+            )
+            self._handles.append(
+                teacher.get_submodule(t_name).register_forward_hook(
+                    self._store(self._teacher_feats, s_name, detach=True)
+                )
+            )
         return self
 
     def __exit__(self, *exc) -> None:
@@ -442,6 +451,7 @@ class FeatureDistiller(nn.Module):
         def hook(module, args, output):
             feat = _first_tensor(output)
             feats[name] = feat.detach() if detach else feat
+
         return hook
 
     def clear(self) -> None:
@@ -453,8 +463,10 @@ class FeatureDistiller(nn.Module):
         relational_kd_loss. Call before loss(), which clears them."""
         missing = [n for n in self.pairs if n not in self._student_feats or n not in self._teacher_feats]
         if missing:
-            raise RuntimeError(f"no activation stored for layer {missing[0]!r}: run the teacher and the "
-                               "student inside `with distiller:` first")
+            raise RuntimeError(
+                f"no activation stored for layer {missing[0]!r}: run the teacher and the "
+                "student inside `with distiller:` first"
+            )
         return [self._student_feats[n] for n in self.pairs], [self._teacher_feats[n] for n in self.pairs]
 
     @torch.no_grad()
@@ -470,8 +482,10 @@ class FeatureDistiller(nn.Module):
             for name in self.pairs:
                 s, t = self._student_feats[name], self._teacher_feats[name]  # (B, C, H, W) each
                 if s.shape[2:] != t.shape[2:]:
-                    raise ValueError(f"layer {name!r}: student feature {tuple(s.shape)} and teacher feature "
-                                     f"{tuple(t.shape)} differ in spatial size")
+                    raise ValueError(
+                        f"layer {name!r}: student feature {tuple(s.shape)} and teacher feature "
+                        f"{tuple(t.shape)} differ in spatial size"
+                    )
                 key = self._key(name)
                 if s.shape[1] != t.shape[1] and key not in self.proj:
                     self.proj[key] = nn.Conv2d(s.shape[1], t.shape[1], kernel_size=1).to(s.device)
@@ -490,8 +504,10 @@ class FeatureDistiller(nn.Module):
                 if key in self.proj:
                     s = self.proj[key](s.to(self.proj[key].weight.dtype))
                 elif s.shape != t.shape:
-                    raise RuntimeError(f"layer {name!r}: student {tuple(s.shape)} vs teacher {tuple(t.shape)}; "
-                                       "call distiller.probe(...) once to create the projections")
+                    raise RuntimeError(
+                        f"layer {name!r}: student {tuple(s.shape)} vs teacher {tuple(t.shape)}; "
+                        "call distiller.probe(...) once to create the projections"
+                    )
                 term = F.mse_loss(s.float(), t.float())
                 total = term if total is None else total + term
         finally:
@@ -515,8 +531,8 @@ def _pool_tokens(x: Tensor, max_tokens: int) -> Tensor:
 
 
 def relational_kd_loss(
-    student_feats: Union[Tensor, Sequence[Tensor]],
-    teacher_feats: Union[Tensor, Sequence[Tensor]],
+    student_feats: Tensor | Sequence[Tensor],
+    teacher_feats: Tensor | Sequence[Tensor],
     tau: float = 1.0,
     max_tokens: int = 256,
 ) -> Tensor:
@@ -536,7 +552,9 @@ def relational_kd_loss(
         s = F.normalize(_pool_tokens(s.float(), max_tokens), dim=-1).transpose(0, 1)  # (N, B, Cs)
         t = F.normalize(_pool_tokens(t.detach().float(), max_tokens), dim=-1).transpose(0, 1)  # (N, B, Ct)
         if s.shape[:2] != t.shape[:2]:
-            raise ValueError(f"student {tuple(s.shape[:2])} and teacher {tuple(t.shape[:2])} differ in batch or positions")
+            raise ValueError(
+                f"student {tuple(s.shape[:2])} and teacher {tuple(t.shape[:2])} differ in batch or positions"
+            )
         N, B = s.shape[:2]
         log_ps = F.log_softmax(torch.bmm(s, s.transpose(1, 2)) / tau, dim=-1)  # (N, B, B) cosine similarities
         log_pt = F.log_softmax(torch.bmm(t, t.transpose(1, 2)) / tau, dim=-1)

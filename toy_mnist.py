@@ -28,9 +28,9 @@ import math
 import os
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -88,34 +88,66 @@ class Config:
 PRESETS = {
     "default": {},
     # Tiny models and few steps: exercises every phase end to end in seconds (numbers are meaningless).
-    "quick": dict(teacher_widths=(8, 16, 16), student_widths=(4, 8, 8), teacher_steps=60, judge_steps=60,
-                  classifier_steps=40, student_steps=40, batch_size=64, samples_per_digit=4,
-                  sample_steps=5, teacher_images=64),
+    "quick": dict(
+        teacher_widths=(8, 16, 16),
+        student_widths=(4, 8, 8),
+        teacher_steps=60,
+        judge_steps=60,
+        classifier_steps=40,
+        student_steps=40,
+        batch_size=64,
+        samples_per_digit=4,
+        sample_steps=5,
+        teacher_images=64,
+    ),
 }
 
-ABLATION = [("none", 0.0), ("exp", 2.0), ("exp", 5.0), ("exp", 10.0), ("sigmoid", 0.0), ("two_sided", 5.0),
-            ("constant", 1.0)]
+ABLATION = [
+    ("none", 0.0),
+    ("exp", 2.0),
+    ("exp", 5.0),
+    ("exp", 10.0),
+    ("sigmoid", 0.0),
+    ("two_sided", 5.0),
+    ("constant", 1.0),
+]
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
     d = Config()
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0].strip(), formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     # data and output
-    p.add_argument("--data-dir", default=d.data_dir, help="folder with the MNIST IDX files (.gz or raw); "
-                   "downloaded there when missing")
+    p.add_argument(
+        "--data-dir",
+        default=d.data_dir,
+        help="folder with the MNIST IDX files (.gz or raw); downloaded there when missing",
+    )
     p.add_argument("--out", default=d.out, help="checkpoints, figures and results.json")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="default",
-                   help="default: the README's run; quick: tiny models and few steps, for tests")
+    p.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default="default",
+        help="default: the README's run; quick: tiny models and few steps, for tests",
+    )
     p.add_argument("--unseen", type=int, nargs="+", default=d.unseen, help="digits the students never see")
-    p.add_argument("--images", choices=["real", "teacher"], default=d.images,
-                   help="students' training images: real digits, or teacher samples of the seen digits")
+    p.add_argument(
+        "--images",
+        choices=["real", "teacher"],
+        default=d.images,
+        help="students' training images: real digits, or teacher samples of the seen digits",
+    )
     p.add_argument("--retrain", action="store_true", help="retrain teacher and judge even if saved")
     p.add_argument("--ablate", action="store_true", help="also train students for every p(t) schedule")
     p.add_argument("--seed", type=int, default=d.seed, help="seeds data order, noise and initial weights")
     p.add_argument("--device", default=d.device, help="auto | cpu | cuda | mps")
-    p.add_argument("--threads", type=int, default=d.threads,
-                   help="CPU threads (0: torch's default); 1 is faster on a CPU that other jobs keep busy")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=d.threads,
+        help="CPU threads (0: torch's default); 1 is faster on a CPU that other jobs keep busy",
+    )
     # the method (defaults as published, see randcond.py)
     p.add_argument("--rc-schedule", default=d.rc_schedule, choices=randcond.SCHEDULES, help="p(t) of the RC student")
     p.add_argument("--rc-lambda", type=float, default=d.rc_lambda, help="lambda of p(t) (constant: p itself)")
@@ -125,11 +157,16 @@ def parse_args(argv: list[str] | None = None) -> Config:
     p.add_argument("--teacher-steps", default=argparse.SUPPRESS, type=int, help=f"[{d.teacher_steps}]")
     p.add_argument("--student-steps", default=argparse.SUPPRESS, type=int, help=f"[{d.student_steps}]")
     p.add_argument("--batch-size", default=argparse.SUPPRESS, type=int, help=f"[{d.batch_size}]")
-    p.add_argument("--samples-per-digit", default=argparse.SUPPRESS, type=int,
-                   help=f"samples the judge scores per digit [{d.samples_per_digit}]")
+    p.add_argument(
+        "--samples-per-digit",
+        default=argparse.SUPPRESS,
+        type=int,
+        help=f"samples the judge scores per digit [{d.samples_per_digit}]",
+    )
     p.add_argument("--sample-steps", default=argparse.SUPPRESS, type=int, help=f"DDIM steps [{d.sample_steps}]")
-    p.add_argument("--guidance", default=argparse.SUPPRESS, type=float,
-                   help=f"classifier-free guidance scale [{d.guidance:g}]")
+    p.add_argument(
+        "--guidance", default=argparse.SUPPRESS, type=float, help=f"classifier-free guidance scale [{d.guidance:g}]"
+    )
     args = p.parse_args(argv)
 
     cfg = replace(d, **PRESETS[args.preset])
@@ -175,7 +212,7 @@ def parse_idx(data: bytes, name: str = "IDX data") -> np.ndarray:
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08 or not 1 <= data[3] <= 4:
         raise ValueError(f"{name}: not an unsigned-byte IDX file (bad magic {data[:4].hex()})")
     ndim = data[3]
-    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     offset = 4 + 4 * ndim
     if len(data) != offset + math.prod(shape):
         raise ValueError(f"{name}: header says {shape} ({math.prod(shape)} bytes) but {len(data) - offset} follow")
@@ -194,8 +231,9 @@ def read_idx(path: Path) -> np.ndarray:
     if path.suffix == ".gz":
         name = path.name[:-3]
         if name in MNIST_FILES and md5sum(path) != MNIST_FILES[name]:
-            raise SystemExit(f"error: {path} fails its MD5 check (expected {MNIST_FILES[name]}); "
-                             "delete it to re-download")
+            raise SystemExit(
+                f"error: {path} fails its MD5 check (expected {MNIST_FILES[name]}); delete it to re-download"
+            )
         data = gzip.decompress(path.read_bytes())
     else:
         data = path.read_bytes()
@@ -222,8 +260,10 @@ def download(name: str, data_dir: Path, timeout: float = 20) -> Path:
         except OSError as e:
             errors.append(f"{mirror}: {e}")
             tmp.unlink(missing_ok=True)
-    raise SystemExit(f"error: MNIST is not in {data_dir} and could not be downloaded ({errors[-1]}); "
-                     f"pass --data-dir DIR with the IDX files (train-images-idx3-ubyte.gz, ...)")
+    raise SystemExit(
+        f"error: MNIST is not in {data_dir} and could not be downloaded ({errors[-1]}); "
+        f"pass --data-dir DIR with the IDX files (train-images-idx3-ubyte.gz, ...)"
+    )
 
 
 def load_mnist(data_dir: str | Path, seed: int = 0) -> dict[str, Tensor]:
@@ -251,8 +291,13 @@ def load_mnist(data_dir: str | Path, seed: int = 0) -> dict[str, Tensor]:
         return {"x_train": x_train, "y_train": y_train, "x_heldout": x_test, "y_heldout": y_test, "split": False}
     perm = torch.randperm(len(x_test), generator=torch.Generator().manual_seed(seed))
     held, train = perm[:HELDOUT_WHEN_TEST_ONLY], perm[HELDOUT_WHEN_TEST_ONLY:]
-    return {"x_train": x_test[train], "y_train": y_test[train], "x_heldout": x_test[held],
-            "y_heldout": y_test[held], "split": True}
+    return {
+        "x_train": x_test[train],
+        "y_train": y_test[train],
+        "x_heldout": x_test[held],
+        "y_heldout": y_test[held],
+        "split": True,
+    }
 
 
 def without_digits(x: Tensor, y: Tensor, digits: list[int]) -> tuple[Tensor, Tensor]:
@@ -340,9 +385,22 @@ class Classifier(nn.Module):
         super().__init__()
         w = width
         self.net = nn.Sequential(
-            nn.Conv2d(1, w, 3, padding=1), nn.ReLU(), nn.Conv2d(w, w, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(w, 2 * w, 3, padding=1), nn.ReLU(), nn.Conv2d(2 * w, 2 * w, 3, padding=1), nn.ReLU(),
-            nn.MaxPool2d(2), nn.Flatten(), nn.Dropout(0.3), nn.Linear(2 * w * 49, 128), nn.ReLU(), nn.Linear(128, 10))
+            nn.Conv2d(1, w, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(w, w, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(w, 2 * w, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(2 * w, 2 * w, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Dropout(0.3),
+            nn.Linear(2 * w * 49, 128),
+            nn.ReLU(),
+            nn.Linear(128, 10),
+        )
 
     def forward(self, images: Tensor) -> Tensor:
         return self.net(images)
@@ -368,8 +426,16 @@ def add_noise(images: Tensor, noise: Tensor, timesteps: Tensor, alphas_cumprod: 
 
 
 @torch.no_grad()
-def ddim_sample(model: nn.Module, labels: Tensor, noise: Tensor, alphas_cumprod: Tensor, steps: int = 25,
-                guidance: float = 3.0, null_label: int = 10, batch_size: int = 500) -> Tensor:
+def ddim_sample(
+    model: nn.Module,
+    labels: Tensor,
+    noise: Tensor,
+    alphas_cumprod: Tensor,
+    steps: int = 25,
+    guidance: float = 3.0,
+    null_label: int = 10,
+    batch_size: int = 500,
+) -> Tensor:
     """DDIM (eta = 0) from the given noise; guided eps = eps_null + w (eps_label - eps_null).
     x0 is clipped to [-1, 1] at every step. Returns images (N, 1, 28, 28) in [-1, 1]."""
     model.eval()
@@ -378,8 +444,8 @@ def ddim_sample(model: nn.Module, labels: Tensor, noise: Tensor, alphas_cumprod:
     timesteps = torch.linspace(T - 1, 0, steps).round().long().tolist()
     out = []
     for start in range(0, len(labels), batch_size):
-        x = noise[start: start + batch_size]
-        y = labels[start: start + batch_size]
+        x = noise[start : start + batch_size]
+        y = labels[start : start + batch_size]
         y2 = torch.cat([y, torch.full_like(y, null_label)])
         for i, t in enumerate(timesteps):
             tt = torch.full((2 * len(y),), t, device=x.device, dtype=torch.long)
@@ -416,8 +482,9 @@ def train_teacher(cfg: Config, x: Tensor, y: Tensor, device: torch.device, alpha
     teacher = UNet(cfg.teacher_widths).to(device, memory_format=torch.channels_last)
     opt = torch.optim.AdamW(teacher.parameters(), lr=cfg.teacher_lr, weight_decay=0.0)
     # No swapping (schedule "none"): the conditioner only applies the null drop, as published.
-    null_drop = randcond.RandomConditioner(10, cfg.num_train_timesteps, "none", null_prob=cfg.null_prob,
-                                           null_condition=10)
+    null_drop = randcond.RandomConditioner(
+        10, cfg.num_train_timesteps, "none", null_prob=cfg.null_prob, null_condition=10
+    )
     teacher.train()
     for step in tqdm(range(cfg.teacher_steps), desc="teacher", dynamic_ncols=True):
         idx = torch.randint(len(x), (cfg.batch_size,), generator=g)
@@ -440,8 +507,17 @@ def shift_augment(images: Tensor, g: torch.Generator, max_shift: int = 2) -> Ten
     return torch.roll(images, shifts=(dy, dx), dims=(2, 3))
 
 
-def train_classifier(x: Tensor, y: Tensor | None, steps: int, device: torch.device, seed: int, width: int = 32,
-                     teacher: Classifier | None = None, temperature: float = 4.0, desc: str = "judge") -> Classifier:
+def train_classifier(
+    x: Tensor,
+    y: Tensor | None,
+    steps: int,
+    device: torch.device,
+    seed: int,
+    width: int = 32,
+    teacher: Classifier | None = None,
+    temperature: float = 4.0,
+    desc: str = "judge",
+) -> Classifier:
     """Cross-entropy on labels y, or (teacher given) Hinton distillation: KL between the teacher's and
     the student's softmax at temperature T, times T^2."""
     g = torch.Generator().manual_seed(seed)
@@ -461,7 +537,7 @@ def train_classifier(x: Tensor, y: Tensor | None, steps: int, device: torch.devi
                 loss = F.mse_loss(logits, teacher_logits)
             else:
                 soft = F.softmax(teacher_logits / temperature, 1)
-                loss = F.kl_div(F.log_softmax(logits / temperature, 1), soft, reduction="batchmean") * temperature ** 2
+                loss = F.kl_div(F.log_softmax(logits / temperature, 1), soft, reduction="batchmean") * temperature**2
         set_lr(opt, lr_at(step, steps, 2e-3, warmup=20))
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -471,13 +547,15 @@ def train_classifier(x: Tensor, y: Tensor | None, steps: int, device: torch.devi
 
 @torch.no_grad()
 def classify(model: Classifier, images: Tensor, device: torch.device, batch_size: int = 1000) -> Tensor:
-    return torch.cat([model(images[i: i + batch_size].to(device)).argmax(1).cpu()
-                      for i in range(0, len(images), batch_size)])
+    return torch.cat(
+        [model(images[i : i + batch_size].to(device)).argmax(1).cpu() for i in range(0, len(images), batch_size)]
+    )
 
 
 @dataclass
 class Arm:
     """One student and how it picks its training labels."""
+
     name: str
     schedule: str
     lam: float
@@ -490,8 +568,9 @@ class Arm:
     seconds: float = 0.0  # wall time of this arm's steps (teacher forward included)
 
 
-def train_students(cfg: Config, arms: list[Arm], teacher: UNet, x: Tensor, y: Tensor, device: torch.device,
-                   alphas_cumprod: Tensor) -> None:
+def train_students(
+    cfg: Config, arms: list[Arm], teacher: UNet, x: Tensor, y: Tensor, device: torch.device, alphas_cumprod: Tensor
+) -> None:
     """Distil the teacher into every arm's student on the same noised images, timesteps and null drops.
 
     Every arm's conditioner has a generator with the same seed: since randcond draws the swap coin,
@@ -502,13 +581,18 @@ def train_students(cfg: Config, arms: list[Arm], teacher: UNet, x: Tensor, y: Te
         torch.manual_seed(cfg.seed + 2)  # same initial weights for every student
         arm.student = UNet(cfg.student_widths).to(device, memory_format=torch.channels_last)
         arm.distiller = randcond.FeatureDistiller(teacher, arm.student, list(cfg.feature_layers))
-        probe = (torch.zeros(2, 1, 28, 28, device=device), torch.zeros(2, dtype=torch.long, device=device),
-                 torch.zeros(2, dtype=torch.long, device=device))
+        probe = (
+            torch.zeros(2, 1, 28, 28, device=device),
+            torch.zeros(2, dtype=torch.long, device=device),
+            torch.zeros(2, dtype=torch.long, device=device),
+        )
         arm.distiller.probe(*probe)  # creates the 1x1 projections (student -> teacher widths)
-        arm.opt = torch.optim.AdamW(list(arm.student.parameters()) + list(arm.distiller.parameters()),
-                                    lr=cfg.student_lr, weight_decay=0.0)
-        arm.conditioner = randcond.RandomConditioner(10, cfg.num_train_timesteps, arm.schedule, arm.lam,
-                                                     null_prob=cfg.null_prob, null_condition=10)
+        arm.opt = torch.optim.AdamW(
+            list(arm.student.parameters()) + list(arm.distiller.parameters()), lr=cfg.student_lr, weight_decay=0.0
+        )
+        arm.conditioner = randcond.RandomConditioner(
+            10, cfg.num_train_timesteps, arm.schedule, arm.lam, null_prob=cfg.null_prob, null_condition=10
+        )
         arm.generator = torch.Generator().manual_seed(cfg.seed + 3)
         arm.student.train()
     bar = tqdm(range(cfg.student_steps), desc=f"{len(arms)} students", dynamic_ncols=True)
@@ -547,8 +631,9 @@ def train_students(cfg: Config, arms: list[Arm], teacher: UNet, x: Tensor, y: Te
 # Checkpoints: safetensors with the settings that produced them, reused when those match
 
 
-def load_or_train(path: Path, settings: dict, build: Callable[[], nn.Module], train: Callable[[], nn.Module],
-                  retrain: bool) -> tuple[nn.Module, bool]:
+def load_or_train(
+    path: Path, settings: dict, build: Callable[[], nn.Module], train: Callable[[], nn.Module], retrain: bool
+) -> tuple[nn.Module, bool]:
     """Load path if it was saved with the same settings (and not retrain), else train and save it."""
     from safetensors import safe_open
 
@@ -589,8 +674,12 @@ def per_class_accuracy(pred: Tensor, labels: Tensor) -> list[float]:
 
 def summarize(acc: list[float], unseen: list[int], params: int) -> dict:
     seen = [a for c, a in enumerate(acc) if c not in unseen]
-    return {"params": params, "per_class_accuracy": acc, "seen_mean": float(np.mean(seen)),
-            "unseen_mean": float(np.mean([acc[c] for c in unseen]))}
+    return {
+        "params": params,
+        "per_class_accuracy": acc,
+        "seen_mean": float(np.mean(seen)),
+        "unseen_mean": float(np.mean([acc[c] for c in unseen])),
+    }
 
 
 def to_uint8(images: Tensor) -> np.ndarray:
@@ -607,7 +696,7 @@ def save_grid(images: Tensor, per_row: int, path: Path, pad: int = 2) -> np.ndar
     for r in range(10):
         for c in range(cells.shape[1]):
             top, left = pad + r * (28 + pad), pad + c * (28 + pad)
-            grid[top: top + 28, left: left + 28] = cells[r, c]
+            grid[top : top + 28, left : left + 28] = cells[r, c]
     Image.fromarray(grid).save(path, optimize=True)
     return grid
 
@@ -627,13 +716,16 @@ def save_comparison(grids: dict[str, np.ndarray], results: dict, unseen: list[in
         ax.set_title(f"{titles.get(name, name)}\nunseen {m['unseen_mean']:.2f} / seen {m['seen_mean']:.2f}", fontsize=9)
         step = grid.shape[0] / 10
         ax.set_yticks([step * (r + 0.5) for r in range(10)])
-        ax.set_yticklabels([f"{r}{'*' if r in unseen else ''} {m['per_class_accuracy'][r]:.2f}" for r in range(10)],
-                           fontsize=7)
+        ax.set_yticklabels(
+            [f"{r}{'*' if r in unseen else ''} {m['per_class_accuracy'][r]:.2f}" for r in range(10)], fontsize=7
+        )
         ax.set_xticks([])
         for r in unseen:
             ax.add_patch(plt.Rectangle((0, r * step), grid.shape[1] - 1, step, fill=False, ec="red", lw=1.5))
-    fig.suptitle(f"digit {', '.join(map(str, unseen))} (*) never seen by the students; "
-                 "left of each row: the judge's accuracy", fontsize=9)
+    fig.suptitle(
+        f"digit {', '.join(map(str, unseen))} (*) never seen by the students; left of each row: the judge's accuracy",
+        fontsize=9,
+    )
     fig.tight_layout()
     save_png(fig, path)
 
@@ -713,10 +805,14 @@ def main(argv: list[str] | None = None) -> dict:
     data = load_mnist(cfg.data_dir, cfg.seed)
     x_train, y_train = data["x_train"], data["y_train"]
     if data["split"]:
-        print(f"only the test split is in {cfg.data_dir}: split it {len(x_train)} train / "
-              f"{len(data['x_heldout'])} held out")
-    print(f"device {device}; {len(x_train)} training images, {len(data['x_heldout'])} held out; "
-          f"unseen digits {cfg.unseen}")
+        print(
+            f"only the test split is in {cfg.data_dir}: split it {len(x_train)} train / "
+            f"{len(data['x_heldout'])} held out"
+        )
+    print(
+        f"device {device}; {len(x_train)} training images, {len(data['x_heldout'])} held out; "
+        f"unseen digits {cfg.unseen}"
+    )
     data_sig = {"train": len(x_train), "split": data["split"], "seed": cfg.seed}
     alphas_cumprod = ddpm_schedule(cfg.num_train_timesteps)
 
@@ -724,19 +820,32 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.perf_counter()
     teacher, reused = load_or_train(
         out / "teacher.safetensors",
-        {"widths": cfg.teacher_widths, "steps": cfg.teacher_steps, "lr": cfg.teacher_lr, "batch": cfg.batch_size,
-         "null_prob": cfg.null_prob, **data_sig},
+        {
+            "widths": cfg.teacher_widths,
+            "steps": cfg.teacher_steps,
+            "lr": cfg.teacher_lr,
+            "batch": cfg.batch_size,
+            "null_prob": cfg.null_prob,
+            **data_sig,
+        },
         lambda: UNet(cfg.teacher_widths).to(device, memory_format=torch.channels_last),
-        lambda: train_teacher(cfg, x_train, y_train, device, alphas_cumprod), cfg.retrain)
+        lambda: train_teacher(cfg, x_train, y_train, device, alphas_cumprod),
+        cfg.retrain,
+    )
     timings["teacher"] = time.perf_counter() - t0
-    print(f"teacher: {num_params(teacher):,} parameters, {'loaded' if reused else 'trained'} "
-          f"in {timings['teacher']:.0f} s")
+    print(
+        f"teacher: {num_params(teacher):,} parameters, {'loaded' if reused else 'trained'} "
+        f"in {timings['teacher']:.0f} s"
+    )
 
     t0 = time.perf_counter()
     judge, reused = load_or_train(
-        out / "judge.safetensors", {"width": cfg.judge_width, "steps": cfg.judge_steps, **data_sig},
+        out / "judge.safetensors",
+        {"width": cfg.judge_width, "steps": cfg.judge_steps, **data_sig},
         lambda: Classifier(cfg.judge_width).to(device),
-        lambda: train_classifier(x_train, y_train, cfg.judge_steps, device, cfg.seed, cfg.judge_width), cfg.retrain)
+        lambda: train_classifier(x_train, y_train, cfg.judge_steps, device, cfg.seed, cfg.judge_width),
+        cfg.retrain,
+    )
     timings["judge"] = time.perf_counter() - t0
     judge_acc = float((classify(judge, data["x_heldout"], device) == data["y_heldout"]).float().mean())
     print(f"judge: held-out accuracy {judge_acc:.4f} ({'loaded' if reused else 'trained'} in {timings['judge']:.0f} s)")
@@ -744,8 +853,17 @@ def main(argv: list[str] | None = None) -> dict:
     # --- the contrast: a classifier distilled from the judge without the unseen digits still knows them
     t0 = time.perf_counter()
     x_seen, y_seen = without_digits(x_train, y_train, cfg.unseen)
-    small = train_classifier(x_seen, None, cfg.classifier_steps, device, cfg.seed + 5, width=8, teacher=judge,
-                             temperature=cfg.kd_temperature, desc="classifier KD")
+    small = train_classifier(
+        x_seen,
+        None,
+        cfg.classifier_steps,
+        device,
+        cfg.seed + 5,
+        width=8,
+        teacher=judge,
+        temperature=cfg.kd_temperature,
+        desc="classifier KD",
+    )
     is_unseen = torch.isin(data["y_heldout"], torch.tensor(cfg.unseen))
     pred = classify(small, data["x_heldout"][is_unseen], device)
     classifier_acc = float((pred == data["y_heldout"][is_unseen]).float().mean())
@@ -757,8 +875,9 @@ def main(argv: list[str] | None = None) -> dict:
         seen = torch.tensor([d for d in range(10) if d not in cfg.unseen])
         y_seen = seen[torch.arange(cfg.teacher_images) % len(seen)]
         noise = torch.randn(cfg.teacher_images, 1, 28, 28, generator=torch.Generator().manual_seed(cfg.seed + 4))
-        x_seen = ddim_sample(teacher, y_seen.to(device), noise.to(device), alphas_cumprod, cfg.sample_steps,
-                             cfg.guidance).cpu()
+        x_seen = ddim_sample(
+            teacher, y_seen.to(device), noise.to(device), alphas_cumprod, cfg.sample_steps, cfg.guidance
+        ).cpu()
         timings["teacher_images"] = time.perf_counter() - t0
     assert not torch.isin(y_seen, torch.tensor(cfg.unseen)).any()
 
@@ -780,8 +899,9 @@ def main(argv: list[str] | None = None) -> dict:
     models = {"teacher": teacher, **{a.name: a.student for a in arms}}
     results, grids = {}, {}
     for name, model in tqdm(models.items(), desc="sampling", dynamic_ncols=True):
-        samples = ddim_sample(model, labels.to(device), noise.to(device), alphas_cumprod, cfg.sample_steps,
-                              cfg.guidance).cpu()
+        samples = ddim_sample(
+            model, labels.to(device), noise.to(device), alphas_cumprod, cfg.sample_steps, cfg.guidance
+        ).cpu()
         acc = per_class_accuracy(classify(judge, samples, device), labels)
         results[name] = summarize(acc, cfg.unseen, num_params(model))
         if not name.startswith("ablate_"):
@@ -791,14 +911,31 @@ def main(argv: list[str] | None = None) -> dict:
     main_models = {k: results[k] for k in ("teacher", "student_no_rc", "student_rc")}
     save_comparison(grids, main_models, cfg.unseen, out / "comparison.png")
     timings["total"] = time.perf_counter() - t_start
-    report = {"config": asdict(cfg), "unseen": cfg.unseen, "device": str(device),
-              "data": {"train": len(x_train), "heldout": len(data["x_heldout"]), "students_train": len(x_seen),
-                       "test_split_only": data["split"]},
-              "judge_heldout_accuracy": judge_acc, "classifier_student_unseen_accuracy": classifier_acc,
-              "models": main_models, "timings_s": {k: round(v, 1) for k, v in timings.items()}}
+    report = {
+        "config": asdict(cfg),
+        "unseen": cfg.unseen,
+        "device": str(device),
+        "data": {
+            "train": len(x_train),
+            "heldout": len(data["x_heldout"]),
+            "students_train": len(x_seen),
+            "test_split_only": data["split"],
+        },
+        "judge_heldout_accuracy": judge_acc,
+        "classifier_student_unseen_accuracy": classifier_acc,
+        "models": main_models,
+        "timings_s": {k: round(v, 1) for k, v in timings.items()},
+    }
     if cfg.ablate:
-        report["ablation"] = [{"schedule": a.schedule, "lam": a.lam, "seen_mean": results[a.name]["seen_mean"],
-                               "unseen_mean": results[a.name]["unseen_mean"]} for a in arms]
+        report["ablation"] = [
+            {
+                "schedule": a.schedule,
+                "lam": a.lam,
+                "seen_mean": results[a.name]["seen_mean"],
+                "unseen_mean": results[a.name]["unseen_mean"],
+            }
+            for a in arms
+        ]
         save_ablation_plot(report["ablation"], out / "ablation.png")
     write_json_atomic(report, out / "results.json")
 

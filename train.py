@@ -40,31 +40,56 @@ from randcond import SCHEDULES, FeatureDistiller, RandomConditioner, TextPool, o
 
 STUDENTS = ("bk_base", "bk_small", "bk_tiny", "c_base", "c_small", "c_tiny", "c_micro")
 C_WIDTHS = {"c_base": 256, "c_small": 224, "c_tiny": 192, "c_micro": 160}  # base width, SD's is 320
-VALIDATION_PROMPTS = ["a photo of an astronaut riding a horse on mars", "a red sports car parked on a city street at night",
-                      "a bowl of fruit on a wooden table, oil painting", "a cat sitting in a field of flowers"]
+VALIDATION_PROMPTS = [
+    "a photo of an astronaut riding a horse on mars",
+    "a red sports car parked on a city street at night",
+    "a bowl of fruit on a wooden table, oil painting",
+    "a cat sitting in a field of flowers",
+]
 
 # -----------------------------------------------------------------------------
 # config: one flat block; defaults are the paper's (REFERENCE.md)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[1], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     # models
-    p.add_argument("--teacher", default="CompVis/stable-diffusion-v1-4", help="diffusers SD v1.x/v2.x pipeline: hub id or folder")
-    p.add_argument("--student", default="bk_base", help=f"one of {', '.join(STUDENTS)}, or a path to a UNet config.json")
-    p.add_argument("--init", choices=["teacher", "random"], default=None,
-                   help="student init; default: teacher weights for bk_*, random for c_* and configs")
+    p.add_argument(
+        "--teacher", default="CompVis/stable-diffusion-v1-4", help="diffusers SD v1.x/v2.x pipeline: hub id or folder"
+    )
+    p.add_argument(
+        "--student", default="bk_base", help=f"one of {', '.join(STUDENTS)}, or a path to a UNet config.json"
+    )
+    p.add_argument(
+        "--init",
+        choices=["teacher", "random"],
+        default=None,
+        help="student init; default: teacher weights for bk_*, random for c_* and configs",
+    )
     # paired data: a latent cache, built from prompts (image-free) or from captioned images when missing
     p.add_argument("--data", required=True, help="latent cache folder (built here when it has no meta.json)")
     p.add_argument("--prompts", default=None, help="text file, one prompt a line: the teacher generates the latents")
-    p.add_argument("--images", default=None, help="folder of images with metadata.jsonl or metadata.csv (file_name,text)")
+    p.add_argument(
+        "--images", default=None, help="folder of images with metadata.jsonl or metadata.csv (file_name,text)"
+    )
     p.add_argument("--shard-size", type=int, default=4096, help="samples per cache shard file")
     p.add_argument("--gen-steps", type=int, default=25, help="teacher sampling steps for --prompts")
     p.add_argument("--gen-guidance", type=float, default=7.5, help="classifier-free guidance for --prompts")
     # random conditioning
-    p.add_argument("--text-pool", nargs="+", default=[], help="extra prompt files for the pool (the paired captions are always in it)")
-    p.add_argument("--random-conditioning", action=argparse.BooleanOptionalAction, default=True,
-                   help="swap captions for pool prompts with probability p(t); off: plain distillation")
+    p.add_argument(
+        "--text-pool",
+        nargs="+",
+        default=[],
+        help="extra prompt files for the pool (the paired captions are always in it)",
+    )
+    p.add_argument(
+        "--random-conditioning",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="swap captions for pool prompts with probability p(t); off: plain distillation",
+    )
     p.add_argument("--rc-schedule", choices=SCHEDULES, default="exp", help="p(t) schedule")
     p.add_argument("--rc-lambda", type=float, default=5.0, help="lambda in p(t) = exp(-lambda (1 - t/T))")
     p.add_argument("--null-prob", type=float, default=0.1, help="probability of the empty caption (for CFG)")
@@ -81,10 +106,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lambda-feat", type=float, default=1.0, help="feature KD weight")
     p.add_argument("--lambda-task", type=float, default=0.0, help="denoising loss weight, paired samples only")
     p.add_argument("--lambda-rel", type=float, default=0.0, help="relational KD weight (RDD)")
-    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="fp16",
-                   help="autocast dtype on CUDA (the paper: fp16; bf16 needs no loss scaling); CPU runs fp32")
-    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
-                   help="recompute student activations in backward: less memory, about a third more compute")
+    p.add_argument(
+        "--mixed-precision",
+        choices=["no", "fp16", "bf16"],
+        default="fp16",
+        help="autocast dtype on CUDA (the paper: fp16; bf16 needs no loss scaling); CPU runs fp32",
+    )
+    p.add_argument(
+        "--gradient-checkpointing",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="recompute student activations in backward: less memory, about a third more compute",
+    )
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="keep an EMA of the student")
     p.add_argument("--ema-decay", type=float, default=0.9999)
     p.add_argument("--compile", action="store_true", help="torch.compile the resnet and transformer blocks")
@@ -92,7 +125,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--output-dir", required=True)
     p.add_argument("--checkpoint-every", type=int, default=1000)
     p.add_argument("--keep-checkpoints", type=int, default=2, help="how many of the latest checkpoints to keep")
-    p.add_argument("--resume", nargs="?", const="latest", default=None, help="'latest' in --output-dir, or a checkpoint file")
+    p.add_argument(
+        "--resume", nargs="?", const="latest", default=None, help="'latest' in --output-dir, or a checkpoint file"
+    )
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--log-every", type=int, default=10, help="steps between log lines (and NaN checks)")
     p.add_argument("--validate-every", type=int, default=1000, help="steps between validation grids (0: never)")
@@ -134,14 +169,21 @@ def load_teacher(name: str, dtype: torch.dtype, device: torch.device):
     from transformers import CLIPTextModel, CLIPTokenizer
 
     parts = {}
-    for part, cls in [("unet", UNet2DConditionModel), ("vae", AutoencoderKL), ("text_encoder", CLIPTextModel),
-                      ("tokenizer", CLIPTokenizer), ("scheduler", DDPMScheduler)]:
+    for part, cls in [
+        ("unet", UNet2DConditionModel),
+        ("vae", AutoencoderKL),
+        ("text_encoder", CLIPTextModel),
+        ("tokenizer", CLIPTokenizer),
+        ("scheduler", DDPMScheduler),
+    ]:
         kwargs = {"torch_dtype": dtype} if part in ("unet", "vae", "text_encoder") else {}
         try:
             parts[part] = cls.from_pretrained(name, subfolder=part, **kwargs)
         except (OSError, ValueError) as e:
-            raise SystemExit(f"error: --teacher {name} has no loadable {part} (expected a diffusers Stable Diffusion "
-                             f"pipeline: unet, vae, text_encoder, tokenizer, scheduler): {str(e).splitlines()[0]}")
+            raise SystemExit(
+                f"error: --teacher {name} has no loadable {part} (expected a diffusers Stable Diffusion "
+                f"pipeline: unet, vae, text_encoder, tokenizer, scheduler): {str(e).splitlines()[0]}"
+            )
     unet, vae, text_encoder, tokenizer, noise_scheduler = parts.values()
     for m in (unet, vae, text_encoder):
         m.requires_grad_(False).eval().to(device)
@@ -153,13 +195,27 @@ def pipeline_with(unet, teacher_parts, teacher: str):
     from diffusers import PNDMScheduler, StableDiffusionPipeline
 
     _, vae, text_encoder, tokenizer, _ = teacher_parts
-    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=PNDMScheduler.from_pretrained(teacher, subfolder="scheduler"),
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=PNDMScheduler.from_pretrained(teacher, subfolder="scheduler"),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
 
 
-PER_BLOCK_KEYS = ("attention_head_dim", "num_attention_heads", "cross_attention_dim", "transformer_layers_per_block",
-                  "reverse_transformer_layers_per_block", "only_cross_attention", "layers_per_block")
+PER_BLOCK_KEYS = (
+    "attention_head_dim",
+    "num_attention_heads",
+    "cross_attention_dim",
+    "transformer_layers_per_block",
+    "reverse_transformer_layers_per_block",
+    "only_cross_attention",
+    "layers_per_block",
+)
 
 
 def student_config(teacher_config: dict, name: str) -> dict:
@@ -213,12 +269,16 @@ def build_student(teacher_unet: nn.Module, spec: str, init: str | None):
     elif Path(spec, "config.json").is_file():
         cfg = json.loads(Path(spec, "config.json").read_text())
     else:
-        raise SystemExit(f"error: unknown --student {spec!r}; use one of {', '.join(STUDENTS)} or a path to a UNet config.json")
+        raise SystemExit(
+            f"error: unknown --student {spec!r}; use one of {', '.join(STUDENTS)} or a path to a UNet config.json"
+        )
     init = init or ("teacher" if spec.startswith("bk_") else "random")
     student = UNet2DConditionModel.from_config(cfg)
     if init == "teacher":
         if spec.startswith("c_"):
-            raise SystemExit(f"error: --student {spec} is narrower than the teacher and cannot copy its weights; use --init random")
+            raise SystemExit(
+                f"error: --student {spec} is narrower than the teacher and cannot copy its weights; use --init random"
+            )
         t_state = teacher_unet.state_dict()
         state, missing = {}, []
         for k, v in student.state_dict().items():
@@ -234,9 +294,14 @@ def build_student(teacher_unet: nn.Module, spec: str, init: str | None):
             print0(f"teacher init: {len(state)} tensors copied by name, {len(missing)} left random")
     # feature KD layers: stage outputs, as published; bk_tiny pairs its shorter paths as BK-SDM does
     if spec == "bk_tiny":
-        layers = {"down_blocks.0": "down_blocks.0", "down_blocks.1": "down_blocks.1",
-                  "down_blocks.2.attentions.0.proj_out": "down_blocks.2.attentions.1.proj_out",
-                  "up_blocks.0": "up_blocks.1", "up_blocks.1": "up_blocks.2", "up_blocks.2": "up_blocks.3"}
+        layers = {
+            "down_blocks.0": "down_blocks.0",
+            "down_blocks.1": "down_blocks.1",
+            "down_blocks.2.attentions.0.proj_out": "down_blocks.2.attentions.1.proj_out",
+            "up_blocks.0": "up_blocks.1",
+            "up_blocks.1": "up_blocks.2",
+            "up_blocks.2": "up_blocks.3",
+        }
     else:
         n_down = min(len(student.down_blocks), len(teacher_unet.down_blocks))
         n_up = min(len(student.up_blocks), len(teacher_unet.up_blocks))
@@ -287,7 +352,11 @@ def read_image_captions(folder: str) -> list[tuple[str, str]]:
 
     root = Path(folder)
     if (root / "metadata.jsonl").is_file():
-        rows = [json.loads(line) for line in (root / "metadata.jsonl").read_text(encoding="utf-8").split("\n") if line.strip()]
+        rows = [
+            json.loads(line)
+            for line in (root / "metadata.jsonl").read_text(encoding="utf-8").split("\n")
+            if line.strip()
+        ]
     elif (root / "metadata.csv").is_file():
         with open(root / "metadata.csv", newline="", encoding="utf-8") as f:
             rows = list(csv.DictReader(f))
@@ -326,12 +395,19 @@ def encode_shard(items, kind, teacher_parts, args, resolution, dtype, device, st
     pipe = pipeline_with(teacher_parts[0], teacher_parts, args.teacher)
     pipe.set_progress_bar_config(disable=True)
     for i in range(0, len(items), args.batch_size):
-        batch = items[i:i + args.batch_size]
+        batch = items[i : i + args.batch_size]
         if kind == "prompts":
             # one fixed seed per prompt (seed + its index), so the cache does not depend on sharding
             gens = [torch.Generator(device).manual_seed(args.seed + start + i + j) for j in range(len(batch))]
-            latents = pipe(batch, height=resolution, width=resolution, num_inference_steps=args.gen_steps,
-                           guidance_scale=args.gen_guidance, generator=gens, output_type="latent").images
+            latents = pipe(
+                batch,
+                height=resolution,
+                width=resolution,
+                num_inference_steps=args.gen_steps,
+                guidance_scale=args.gen_guidance,
+                generator=gens,
+                output_type="latent",
+            ).images
         else:
             pixels = []
             for file, _ in batch:
@@ -354,7 +430,9 @@ def build_cache(args, teacher_parts, resolution, latent_shape, dtype, device, dd
     if args.prompts and args.images:
         raise SystemExit("error: pass --prompts or --images, not both")
     if not (args.prompts or args.images):
-        raise SystemExit(f"error: {data} holds no latent cache (meta.json); pass --prompts FILE or --images DIR to build it")
+        raise SystemExit(
+            f"error: {data} holds no latent cache (meta.json); pass --prompts FILE or --images DIR to build it"
+        )
     kind = "prompts" if args.prompts else "images"
     items = read_lines(args.prompts) if args.prompts else read_image_captions(args.images)
     captions = items if kind == "prompts" else [c for _, c in items]
@@ -371,9 +449,18 @@ def build_cache(args, teacher_parts, resolution, latent_shape, dtype, device, dd
         dist.barrier()  # every shard is on disk
     if rank == 0:
         # the paired captions join the text pool as published: one per line, newlines flattened
-        atomic_save(data / "captions.txt", lambda p: p.write_text("".join(" ".join(c.split()) + "\n" for c in captions), encoding="utf-8"))
-        meta = {"num_samples": len(items), "num_shards": n_shards, "latent_shape": list(latent_shape), "source": kind,
-                "teacher": args.teacher, "resolution": resolution}
+        atomic_save(
+            data / "captions.txt",
+            lambda p: p.write_text("".join(" ".join(c.split()) + "\n" for c in captions), encoding="utf-8"),
+        )
+        meta = {
+            "num_samples": len(items),
+            "num_shards": n_shards,
+            "latent_shape": list(latent_shape),
+            "source": kind,
+            "teacher": args.teacher,
+            "resolution": resolution,
+        }
         atomic_save(data / "meta.json", lambda p: p.write_text(json.dumps(meta, indent=1)))
     if ddp:
         dist.barrier()
@@ -385,7 +472,9 @@ class LatentCache:
     def __init__(self, data: Path):
         self.meta = json.loads((data / "meta.json").read_text())
         self.latents = [np.load(data / f"latents-{k:05d}.npy", mmap_mode="r") for k in range(self.meta["num_shards"])]
-        self.captions = [c for k in range(self.meta["num_shards"]) for c in json.loads((data / f"captions-{k:05d}.json").read_text())]
+        self.captions = [
+            c for k in range(self.meta["num_shards"]) for c in json.loads((data / f"captions-{k:05d}.json").read_text())
+        ]
         self.starts = np.cumsum([0] + [len(x) for x in self.latents])
         if self.starts[-1] != len(self.captions) or len(self.captions) == 0:
             raise SystemExit(f"error: latent cache {data} is empty or inconsistent; delete it and rebuild")
@@ -412,15 +501,17 @@ class ShardedSampler:
         self.per_rank = n // world_size
         self.batches_per_epoch = self.per_rank // batch_size
         if self.batches_per_epoch == 0:
-            raise SystemExit(f"error: the cache holds {n} samples, fewer than {world_size} ranks x --batch-size {batch_size}")
+            raise SystemExit(
+                f"error: the cache holds {n} samples, fewer than {world_size} ranks x --batch-size {batch_size}"
+            )
         self.n, self.batch_size, self.rank, self.seed, self._epoch, self._mine = n, batch_size, rank, seed, -1, None
 
     def batch(self, b: int) -> np.ndarray:
         epoch, i = divmod(b, self.batches_per_epoch)
         if epoch != self._epoch:
             perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch)).numpy()
-            self._epoch, self._mine = epoch, perm[self.rank * self.per_rank:(self.rank + 1) * self.per_rank]
-        return self._mine[i * self.batch_size:(i + 1) * self.batch_size]
+            self._epoch, self._mine = epoch, perm[self.rank * self.per_rank : (self.rank + 1) * self.per_rank]
+        return self._mine[i * self.batch_size : (i + 1) * self.batch_size]
 
 
 # -----------------------------------------------------------------------------
@@ -437,8 +528,14 @@ def validate(unet, teacher_parts, args, resolution, autocast, path: Path) -> Non
     device = next(unet.parameters()).device
     gens = [torch.Generator(device).manual_seed(args.seed + i) for i in range(len(VALIDATION_PROMPTS))]
     with autocast:
-        images = pipe(VALIDATION_PROMPTS, height=resolution, width=resolution, num_inference_steps=args.validation_steps,
-                      generator=gens, output_type="np").images  # (N, H, W, 3) in [0, 1]
+        images = pipe(
+            VALIDATION_PROMPTS,
+            height=resolution,
+            width=resolution,
+            num_inference_steps=args.validation_steps,
+            generator=gens,
+            output_type="np",
+        ).images  # (N, H, W, 3) in [0, 1]
     grid = np.concatenate(list(images), axis=1)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_save(path, lambda p: Image.fromarray((grid * 255).round().astype(np.uint8)).save(p, format="PNG"))
@@ -459,8 +556,9 @@ def export(unet, ema_params, args, out: Path) -> None:
         final.save_pretrained(tmp / "unet_no_ema")
         for p, e in zip(final.parameters(), ema_params):
             p.data.copy_(e)
-    StableDiffusionPipeline.from_pretrained(args.teacher, unet=final, safety_checker=None, feature_extractor=None,
-                                            requires_safety_checker=False).save_pretrained(tmp)
+    StableDiffusionPipeline.from_pretrained(
+        args.teacher, unet=final, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    ).save_pretrained(tmp)
     for item in sorted(tmp.iterdir()):
         target = out / item.name
         if target.is_dir():
@@ -492,11 +590,15 @@ def train(args) -> nn.Module | None:
 def _train(args, ddp, rank, world_size, device) -> nn.Module | None:
     out = Path(args.output_dir)
     if args.total_batch_size % (args.batch_size * world_size):
-        raise SystemExit(f"error: --total-batch-size {args.total_batch_size} is not a multiple of --batch-size "
-                         f"{args.batch_size} x {world_size} processes; change one of them")
+        raise SystemExit(
+            f"error: --total-batch-size {args.total_batch_size} is not a multiple of --batch-size "
+            f"{args.batch_size} x {world_size} processes; change one of them"
+        )
     grad_accum = args.total_batch_size // (args.batch_size * world_size)
     if args.student not in STUDENTS and not Path(args.student).exists():  # before any slow work
-        raise SystemExit(f"error: unknown --student {args.student!r}; use one of {', '.join(STUDENTS)} or a path to a UNet config.json")
+        raise SystemExit(
+            f"error: unknown --student {args.student!r}; use one of {', '.join(STUDENTS)} or a path to a UNet config.json"
+        )
     try:  # each pool file on its own, now: an empty or wrong one would otherwise surface after the cache build
         for f in args.text_pool:
             TextPool(Path(f))
@@ -521,11 +623,15 @@ def _train(args, ddp, rank, world_size, device) -> nn.Module | None:
     # --- paired data and text pool
     data = Path(args.data)
     if not (data / "meta.json").is_file():
-        build_cache(args, teacher_parts, resolution, latent_shape, dtype or torch.float32, device, ddp, rank, world_size)
+        build_cache(
+            args, teacher_parts, resolution, latent_shape, dtype or torch.float32, device, ddp, rank, world_size
+        )
     cache = LatentCache(data)
     if tuple(cache.meta["latent_shape"]) != latent_shape:
-        raise SystemExit(f"error: cache {data} holds latents of shape {tuple(cache.meta['latent_shape'])}, the teacher at "
-                         f"{resolution}px needs {latent_shape}; set --resolution {cache.meta['resolution']} or use a new --data")
+        raise SystemExit(
+            f"error: cache {data} holds latents of shape {tuple(cache.meta['latent_shape'])}, the teacher at "
+            f"{resolution}px needs {latent_shape}; set --resolution {cache.meta['resolution']} or use a new --data"
+        )
     print0(f"paired data: {len(cache)} cached latents {latent_shape} from {cache.meta['source']}")
     if args.max_steps == 0:
         return None
@@ -534,9 +640,13 @@ def _train(args, ddp, rank, world_size, device) -> nn.Module | None:
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: text pool: {e}")
     print0(f"text pool: {len(pool) * world_size} prompts (~{len(pool)} on each of {world_size} ranks)")
-    conditioner = RandomConditioner(pool, noise_scheduler.config.num_train_timesteps,
-                                    schedule=args.rc_schedule if args.random_conditioning else "none",
-                                    lam=args.rc_lambda, null_prob=args.null_prob)
+    conditioner = RandomConditioner(
+        pool,
+        noise_scheduler.config.num_train_timesteps,
+        schedule=args.rc_schedule if args.random_conditioning else "none",
+        lam=args.rc_lambda,
+        null_prob=args.null_prob,
+    )
 
     # --- student, distiller, optimizer
     unet, layers = build_student(teacher, args.student, args.init)
@@ -569,8 +679,13 @@ def _train(args, ddp, rank, world_size, device) -> nn.Module | None:
                 m.compile()
     model = Student(unet, distiller, feat=args.lambda_feat > 0, rel=args.lambda_rel > 0).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay,
-                                  **({"fused": True} if cuda else {"foreach": True}))  # one kernel, not one per tensor
+    optimizer = torch.optim.AdamW(
+        params,
+        lr=args.lr,
+        betas=(0.9, 0.999),
+        weight_decay=args.weight_decay,
+        **({"fused": True} if cuda else {"foreach": True}),
+    )  # one kernel, not one per tensor
     lr_at = lambda step: args.lr * min(1.0, (step + 1) / args.warmup_steps) if args.warmup_steps else args.lr  # noqa: E731
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
     ema = [p.detach().clone().float() for p in unet.parameters()] if args.ema else None
@@ -586,8 +701,10 @@ def _train(args, ddp, rank, world_size, device) -> nn.Module | None:
             raise SystemExit(f"error: --resume: no checkpoint at {ckpt_path}")
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
         if ckpt["world_size"] != world_size or ckpt["total_batch_size"] != args.total_batch_size:
-            raise SystemExit(f"error: {ckpt_path} was written by {ckpt['world_size']} processes at total batch "
-                             f"{ckpt['total_batch_size']}; resume with the same")
+            raise SystemExit(
+                f"error: {ckpt_path} was written by {ckpt['world_size']} processes at total batch "
+                f"{ckpt['total_batch_size']}; resume with the same"
+            )
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
@@ -605,8 +722,10 @@ def _train(args, ddp, rank, world_size, device) -> nn.Module | None:
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "args.json").write_text(json.dumps(vars(args), indent=1))
-    print0(f"{world_size} processes x batch {args.batch_size} x {grad_accum} accumulation = {args.total_batch_size} per step, "
-           f"{args.max_steps} steps on {device.type}, autocast {dtype}")
+    print0(
+        f"{world_size} processes x batch {args.batch_size} x {grad_accum} accumulation = {args.total_batch_size} per step, "
+        f"{args.max_steps} steps on {device.type}, autocast {dtype}"
+    )
 
     # --- the loop
     logged = torch.zeros(6, device=device)  # loss, loss_kd_out, loss_kd_feat, loss_task, loss_rel, swapped
@@ -625,8 +744,13 @@ def _train(args, ddp, rank, world_size, device) -> nn.Module | None:
             latents, captions = cache.get(sampler.batch(micro_step))  # (B, 4, h, w) float16
             timesteps = torch.randint(0, T, (len(captions),), generator=g_cpu)
             captions, paired = conditioner(captions, timesteps, generator=g_cpu)  # swap, then null-drop
-            input_ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
-                                  truncation=True, return_tensors="pt").input_ids
+            input_ids = tokenizer(
+                captions,
+                padding="max_length",
+                max_length=tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids
             latents, timesteps, paired, input_ids = (x.to(device) for x in (latents, timesteps, paired, input_ids))
             latents = latents.float()
             noise = torch.randn(latents.shape, generator=g_dev, device=device)
@@ -642,12 +766,19 @@ def _train(args, ddp, rank, world_size, device) -> nn.Module | None:
                 loss_kd_out = output_kd_loss(model_pred, teacher_pred)
                 loss_task = torch.zeros_like(loss_kd_out)
                 if args.lambda_task > 0:  # denoising loss over paired samples only
-                    target = noise if noise_scheduler.config.prediction_type == "epsilon" else \
-                        noise_scheduler.get_velocity(latents, noise, timesteps)  # v-prediction (SD 2 at 768 px)
+                    target = (
+                        noise
+                        if noise_scheduler.config.prediction_type == "epsilon"
+                        else noise_scheduler.get_velocity(latents, noise, timesteps)
+                    )  # v-prediction (SD 2 at 768 px)
                     per_sample = F.mse_loss(model_pred.float(), target, reduction="none").mean(dim=(1, 2, 3))
                     loss_task = (per_sample * paired).sum() / paired.sum().clamp(min=1)
-                loss = (args.lambda_out * loss_kd_out + args.lambda_feat * loss_kd_feat
-                        + args.lambda_task * loss_task + args.lambda_rel * loss_rel)
+                loss = (
+                    args.lambda_out * loss_kd_out
+                    + args.lambda_feat * loss_kd_feat
+                    + args.lambda_task * loss_task
+                    + args.lambda_rel * loss_rel
+                )
                 scaler.scale(loss / grad_accum).backward()
             swapped = 1 - paired.float().mean()  # share of samples trained on a random caption
             logged += torch.stack([loss, loss_kd_out, loss_kd_feat, loss_task, loss_rel, swapped]).detach() / grad_accum
@@ -672,29 +803,50 @@ def _train(args, ddp, rank, world_size, device) -> nn.Module | None:
             vals = (logged / (steps_since * world_size)).tolist()
             if not all(math.isfinite(v) for v in vals):
                 bar.close()
-                raise SystemExit(f"error: loss is {vals[0]} at step {step}; lower --lr or use --mixed-precision bf16 "
-                                 f"(checkpoints up to step {step - steps_since} are intact)")
+                raise SystemExit(
+                    f"error: loss is {vals[0]} at step {step}; lower --lr or use --mixed-precision bf16 "
+                    f"(checkpoints up to step {step - steps_since} are intact)"
+                )
             dt = (time.time() - t_last) / steps_since
-            rec = {"step": step, "loss": vals[0], "loss_kd_out": vals[1], "loss_kd_feat": vals[2], "loss_task": vals[3],
-                   "loss_rel": vals[4], "rc_swap_rate": vals[5], "lr": lr_at(step - 1), "grad_norm": float(grad_norm), "step_time": dt,
-                   "samples_per_s": args.total_batch_size / dt}
+            rec = {
+                "step": step,
+                "loss": vals[0],
+                "loss_kd_out": vals[1],
+                "loss_kd_feat": vals[2],
+                "loss_task": vals[3],
+                "loss_rel": vals[4],
+                "rc_swap_rate": vals[5],
+                "lr": lr_at(step - 1),
+                "grad_norm": float(grad_norm),
+                "step_time": dt,
+                "samples_per_s": args.total_batch_size / dt,
+            }
             if rank == 0:
                 with open(out / "log.jsonl", "a") as f:
                     f.write(json.dumps(rec) + "\n")
-                bar.write(f"step {step} | loss {vals[0]:.4f} | kd_out {vals[1]:.4f} | kd_feat {vals[2]:.4f} | task "
-                          f"{vals[3]:.4f} | rel {vals[4]:.4f} | swapped {vals[5]:.2f} | lr {rec['lr']:.2e} | {dt:.3f} s/step")
+                bar.write(
+                    f"step {step} | loss {vals[0]:.4f} | kd_out {vals[1]:.4f} | kd_feat {vals[2]:.4f} | task "
+                    f"{vals[3]:.4f} | rel {vals[4]:.4f} | swapped {vals[5]:.2f} | lr {rec['lr']:.2e} | {dt:.3f} s/step"
+                )
             logged.zero_()
             t_last, steps_since = time.time(), 0
 
         if step % args.checkpoint_every == 0 or last:
             if rank == 0:
-                state = {"step": step, "data_position": step * grad_accum, "world_size": world_size,
-                         "total_batch_size": args.total_batch_size, "model": raw.state_dict(),
-                         "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "ema": ema,
-                         "args": {k: v for k, v in vars(args).items()}}
+                state = {
+                    "step": step,
+                    "data_position": step * grad_accum,
+                    "world_size": world_size,
+                    "total_batch_size": args.total_batch_size,
+                    "model": raw.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "ema": ema,
+                    "args": {k: v for k, v in vars(args).items()},
+                }
                 (out / "checkpoints").mkdir(parents=True, exist_ok=True)
                 atomic_save(out / "checkpoints" / f"step-{step:07d}.pt", lambda p: torch.save(state, p))
-                for old in sorted((out / "checkpoints").glob("step-*.pt"))[:-max(1, args.keep_checkpoints)]:
+                for old in sorted((out / "checkpoints").glob("step-*.pt"))[: -max(1, args.keep_checkpoints)]:
                     old.unlink()
         if rank == 0 and args.validate_every and (step % args.validate_every == 0 or last):
             validate(unet, teacher_parts, args, resolution, autocast, out / "samples" / f"step-{step:07d}.png")

@@ -4,6 +4,7 @@ Cost and accuracy of evaluate.py's metric step at the protocol's sizes (2048-dim
     OMP_NUM_THREADS=1 python bench/evaluate_metrics.py [--n-real 40504 --n-fake 30000] [--json]
 Feature extraction and generation are GPU work and are not measured here.
 """
+
 import argparse
 import json
 import sys
@@ -25,7 +26,7 @@ p.add_argument("--json", action="store_true", help="also print the figures as on
 args = p.parse_args()
 
 torch.manual_seed(0)
-mix = torch.randn(args.dim, args.dim, dtype=torch.float64) / args.dim ** 0.5
+mix = torch.randn(args.dim, args.dim, dtype=torch.float64) / args.dim**0.5
 # non-negative and correlated, like post-ReLU pool features
 real = (torch.randn(args.n_real, args.dim, dtype=torch.float64) @ mix).abs()
 fake = (torch.randn(args.n_fake, args.dim, dtype=torch.float64) @ mix).abs() * 1.05
@@ -41,8 +42,10 @@ expected = ((ref["mu"] - mu) ** 2).sum() + np.trace(ref["sigma"]) + np.trace(sig
 t3 = time.perf_counter()
 ref_s = t1 - t0
 print(f"reference stats ({args.n_real} x {args.dim}): {t1 - t0:.1f} s")
-print(f"FID torchmetrics: {fid:.6f} in {t2 - t1:.1f} s | scipy sqrtm: {expected:.6f} in {t3 - t2:.1f} s "
-      f"| relative difference {abs(fid - expected) / expected:.1e}")
+print(
+    f"FID torchmetrics: {fid:.6f} in {t2 - t1:.1f} s | scipy sqrtm: {expected:.6f} in {t3 - t2:.1f} s "
+    f"| relative difference {abs(fid - expected) / expected:.1e}"
+)
 
 logits = torch.randn(args.n_fake, 1008, dtype=torch.float64) * 2
 t0 = time.perf_counter()
@@ -51,7 +54,21 @@ is_s = time.perf_counter() - t0
 print(f"IS ({args.n_fake} x 1008, 10 splits): {mean:.3f} ± {std:.3f} in {is_s:.1f} s")
 print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
 if args.json:
-    print(json.dumps({"n_real": args.n_real, "n_fake": args.n_fake, "dim": args.dim, "ref_stats_s": ref_s,
-                      "fid_torchmetrics_s": t2 - t1, "fid_scipy_s": t3 - t2, "fid": fid, "fid_scipy": float(expected),
-                      "fid_relative_difference": abs(fid - expected) / expected, "is_s": is_s, "is_mean": mean,
-                      "threads": torch.get_num_threads()}))
+    print(
+        json.dumps(
+            {
+                "n_real": args.n_real,
+                "n_fake": args.n_fake,
+                "dim": args.dim,
+                "ref_stats_s": ref_s,
+                "fid_torchmetrics_s": t2 - t1,
+                "fid_scipy_s": t3 - t2,
+                "fid": fid,
+                "fid_scipy": float(expected),
+                "fid_relative_difference": abs(fid - expected) / expected,
+                "is_s": is_s,
+                "is_mean": mean,
+                "threads": torch.get_num_threads(),
+            }
+        )
+    )

@@ -12,7 +12,6 @@ object on the last line.
 
 import argparse
 import json
-import os
 import random
 import subprocess
 import sys
@@ -22,8 +21,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-WORDS = ("a photo of a cat dog astronaut riding horse on the moon in a city at night oil painting "
-         "watercolor portrait of an old man with a red hat cinematic lighting highly detailed 4k").split()
+WORDS = (
+    "a photo of a cat dog astronaut riding horse on the moon in a city at night oil painting "
+    "watercolor portrait of an old man with a red hat cinematic lighting highly detailed 4k"
+).split()
 
 
 def rss_mb(field: str = "VmRSS") -> float:
@@ -61,14 +62,24 @@ def child(kind: str, path: str, reads: int) -> dict:
     t0 = time.perf_counter()
     total = sum(len(pool[i]) for i in idx)
     read_s = time.perf_counter() - t0
-    return {"n": len(pool), "open_s": open_s, "rss_open_mb": rss_open, "reads_per_s": reads / read_s,
-            "rss_after_reads_mb": rss_mb() - base, "anon_after_reads_mb": rss_mb("RssAnon") - base_anon,
-            "chars": total}
+    return {
+        "n": len(pool),
+        "open_s": open_s,
+        "rss_open_mb": rss_open,
+        "reads_per_s": reads / read_s,
+        "rss_after_reads_mb": rss_mb() - base,
+        "anon_after_reads_mb": rss_mb("RssAnon") - base_anon,
+        "chars": total,
+    }
 
 
 def run_child(kind: str, path: Path, reads: int) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--child", kind, str(path), "--reads", str(reads)],
-                         check=True, capture_output=True, text=True).stdout
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", kind, str(path), "--reads", str(reads)],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -99,26 +110,38 @@ def main() -> None:
         size_mb = path.stat().st_size / 2**20
         index_mb = path.with_name(path.name + ".rcidx").stat().st_size / 2**20
 
-    print(f"{args.n:,} prompts, {size_mb:,.0f} MiB of text, index {index_mb:,.0f} MiB "
-          f"(written in {write_s:.1f} s)")
+    print(f"{args.n:,} prompts, {size_mb:,.0f} MiB of text, index {index_mb:,.0f} MiB (written in {write_s:.1f} s)")
     print(f"{'':24}{'TextPool':>14}{'Python list':>14}{'list/pool':>10}")
-    rows = [("index build (s)", build_s, float("nan")),
-            ("open (s)", pool["open_s"], plain["open_s"]),
-            ("RSS after open (MiB)", pool["rss_open_mb"], plain["rss_open_mb"]),
-            ("RSS after reads (MiB)", pool["rss_after_reads_mb"], plain["rss_after_reads_mb"]),
-            ("  of it private (MiB)", pool["anon_after_reads_mb"], plain["anon_after_reads_mb"]),
-            ("random reads / s", pool["reads_per_s"], plain["reads_per_s"])]
+    rows = [
+        ("index build (s)", build_s, float("nan")),
+        ("open (s)", pool["open_s"], plain["open_s"]),
+        ("RSS after open (MiB)", pool["rss_open_mb"], plain["rss_open_mb"]),
+        ("RSS after reads (MiB)", pool["rss_after_reads_mb"], plain["rss_after_reads_mb"]),
+        ("  of it private (MiB)", pool["anon_after_reads_mb"], plain["anon_after_reads_mb"]),
+        ("random reads / s", pool["reads_per_s"], plain["reads_per_s"]),
+    ]
     for name, a, b in rows:
         ratio = b / a if a and b == b else float("nan")
         print(f"{name:24}{a:14,.2f}{b:14,.2f}{ratio:10.1f}")
     if args.json:
-        print(json.dumps({"n": args.n, "text_mib": size_mb, "index_build_s": build_s,
-                          "pool_open_s": pool["open_s"], "list_open_s": plain["open_s"],
-                          "pool_rss_mib": pool["rss_open_mb"], "list_rss_mib": plain["rss_open_mb"],
-                          "pool_private_after_reads_mib": pool["anon_after_reads_mb"],
-                          "list_private_after_reads_mib": plain["anon_after_reads_mb"],
-                          "memory_ratio": plain["rss_open_mb"] / max(pool["rss_open_mb"], 1e-3),
-                          "pool_reads_per_s": pool["reads_per_s"], "list_reads_per_s": plain["reads_per_s"]}))
+        print(
+            json.dumps(
+                {
+                    "n": args.n,
+                    "text_mib": size_mb,
+                    "index_build_s": build_s,
+                    "pool_open_s": pool["open_s"],
+                    "list_open_s": plain["open_s"],
+                    "pool_rss_mib": pool["rss_open_mb"],
+                    "list_rss_mib": plain["rss_open_mb"],
+                    "pool_private_after_reads_mib": pool["anon_after_reads_mb"],
+                    "list_private_after_reads_mib": plain["anon_after_reads_mb"],
+                    "memory_ratio": plain["rss_open_mb"] / max(pool["rss_open_mb"], 1e-3),
+                    "pool_reads_per_s": pool["reads_per_s"],
+                    "list_reads_per_s": plain["reads_per_s"],
+                }
+            )
+        )
 
 
 if __name__ == "__main__":

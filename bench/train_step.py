@@ -53,8 +53,14 @@ def write_cache(data: Path, n: int, latent_shape, shard_size: int, rng: np.rando
         np.save(data / f"latents-{k:05d}.npy", rng.standard_normal((hi - lo, *latent_shape)).astype(np.float16))
         (data / f"captions-{k:05d}.json").write_text(json.dumps(caps[lo:hi]))
     (data / "captions.txt").write_text("\n".join(caps) + "\n")
-    meta = {"num_samples": n, "num_shards": len(shards), "latent_shape": list(latent_shape), "source": "synthetic",
-            "teacher": "", "resolution": latent_shape[-1] * 8}
+    meta = {
+        "num_samples": n,
+        "num_shards": len(shards),
+        "latent_shape": list(latent_shape),
+        "source": "synthetic",
+        "teacher": "",
+        "resolution": latent_shape[-1] * 8,
+    }
     (data / "meta.json").write_text(json.dumps(meta))
     return caps
 
@@ -70,12 +76,35 @@ def sync(device: torch.device) -> None:
 
 def time_ours(args, teacher: Path, data: Path, out: Path, *extra: str) -> float:
     steps = args.warmup + args.steps
-    argv = ["--teacher", str(teacher), "--student", args.student, "--data", str(data), "--output-dir", str(out),
-            "--resolution", str(args.resolution), "--batch-size", str(args.batch_size),
-            "--total-batch-size", str(args.batch_size), "--max-steps", str(steps), "--log-every", str(args.warmup),
-            "--checkpoint-every", str(10**9), "--validate-every", "0", "--mixed-precision", args.mixed_precision,
-            "--ema" if args.ema else "--no-ema",
-            "--gradient-checkpointing" if args.gradient_checkpointing else "--no-gradient-checkpointing", *extra]
+    argv = [
+        "--teacher",
+        str(teacher),
+        "--student",
+        args.student,
+        "--data",
+        str(data),
+        "--output-dir",
+        str(out),
+        "--resolution",
+        str(args.resolution),
+        "--batch-size",
+        str(args.batch_size),
+        "--total-batch-size",
+        str(args.batch_size),
+        "--max-steps",
+        str(steps),
+        "--log-every",
+        str(args.warmup),
+        "--checkpoint-every",
+        str(10**9),
+        "--validate-every",
+        "0",
+        "--mixed-precision",
+        args.mixed_precision,
+        "--ema" if args.ema else "--no-ema",
+        "--gradient-checkpointing" if args.gradient_checkpointing else "--no-gradient-checkpointing",
+        *extra,
+    ]
     train.train(train.parse_args(argv))
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     # the first interval holds the warm-up; of the others the fastest, as for the bare step: on a shared
@@ -88,17 +117,25 @@ def time_bare(args, teacher_path: Path, device: torch.device, latent_shape) -> f
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision) if cuda else None
     autocast = torch.autocast("cuda", dtype=dtype) if dtype else contextlib.nullcontext()
     torch.manual_seed(0)
-    teacher, _, text_encoder, tokenizer, noise_scheduler = train.load_teacher(str(teacher_path), dtype or torch.float32, device)
+    teacher, _, text_encoder, tokenizer, noise_scheduler = train.load_teacher(
+        str(teacher_path), dtype or torch.float32, device
+    )
     student, _ = train.build_student(teacher, args.student, None)
     if args.gradient_checkpointing:
         student.enable_gradient_checkpointing()
-    optimizer = torch.optim.AdamW(student.parameters(), lr=5e-5, weight_decay=1e-2,
-                                  **({"fused": True} if cuda else {"foreach": True}))
+    optimizer = torch.optim.AdamW(
+        student.parameters(), lr=5e-5, weight_decay=1e-2, **({"fused": True} if cuda else {"foreach": True})
+    )
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
     B = args.batch_size
     latents = torch.randn(B, *latent_shape, device=device)
-    ids = tokenizer(captions(B, np.random.default_rng(0)), padding="max_length", max_length=tokenizer.model_max_length,
-                    truncation=True, return_tensors="pt").input_ids.to(device)
+    ids = tokenizer(
+        captions(B, np.random.default_rng(0)),
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids.to(device)
     with torch.no_grad(), autocast:
         encoder_hidden_states = text_encoder(ids)[0]
     T = noise_scheduler.config.num_train_timesteps
@@ -143,7 +180,10 @@ def time_loaders(args, tmp: Path) -> tuple[float, float]:
     files = tmp / "per_file"
     files.mkdir()
     for i in range(n):
-        torch.save({"latents": torch.from_numpy(np.asarray(cache.get(np.array([i]))[0][0])), "text": caps[i]}, files / f"{i}.pt")
+        torch.save(
+            {"latents": torch.from_numpy(np.asarray(cache.get(np.array([i]))[0][0])), "text": caps[i]},
+            files / f"{i}.pt",
+        )
     sampler = train.ShardedSampler(n, B, rank=0, world_size=1, seed=0)
     batches = [sampler.batch(b) for b in range(n // B)]
     for i in range(n):  # warm the page cache for both sides
@@ -157,7 +197,7 @@ def time_loaders(args, tmp: Path) -> tuple[float, float]:
     def per_file():
         for idx in batches:
             items = [torch.load(files / f"{i}.pt", weights_only=True) for i in idx]
-            latents, text = torch.stack([x["latents"] for x in items]), [x["text"] for x in items]
+            torch.stack([x["latents"] for x in items]), [x["text"] for x in items]
 
     rates = []
     for fn in (ours, per_file):
@@ -171,15 +211,21 @@ def time_loaders(args, tmp: Path) -> tuple[float, float]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--teacher", default=None, help="a diffusers SD pipeline; default: built here (tiny, or --full-size)")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[1], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument(
+        "--teacher", default=None, help="a diffusers SD pipeline; default: built here (tiny, or --full-size)"
+    )
     p.add_argument("--full-size", action="store_true", help="build SD v1.4's shapes with random weights (use a GPU)")
     p.add_argument("--student", default="bk_base")
     p.add_argument("--batch-size", type=int, default=None, help="default: 8 tiny, 64 full size")
     p.add_argument("--resolution", type=int, default=None, help="default: 64 tiny, 512 full size")
     p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="bf16")
     p.add_argument("--gradient-checkpointing", action="store_true", help="in both steps")
-    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="ours keeps its EMA (the paper's)")
+    p.add_argument(
+        "--ema", action=argparse.BooleanOptionalAction, default=True, help="ours keeps its EMA (the paper's)"
+    )
     p.add_argument("--warmup", type=int, default=10, help="steps before timing (also ours' log interval)")
     p.add_argument("--steps", type=int, default=30, help="timed steps (a multiple of --warmup)")
     p.add_argument("--loader-samples", type=int, default=2048)
@@ -204,7 +250,9 @@ def main() -> None:
 
             teacher = make_tiny_sd(tmp / "teacher", full_size=args.full_size)
         latent_shape = (4, args.resolution // 8, args.resolution // 8)
-        write_cache(tmp / "data", args.batch_size * (args.warmup + args.steps + 1), latent_shape, 4096, np.random.default_rng(0))
+        write_cache(
+            tmp / "data", args.batch_size * (args.warmup + args.steps + 1), latent_shape, 4096, np.random.default_rng(0)
+        )
         ours = time_ours(args, teacher, tmp / "data", tmp / "out")
         # the same loop with the bare step's losses only: what the machinery around the step costs
         # (data, conditioning, tokens, text encoder, clipping, logging) without the method's extra work
@@ -216,15 +264,27 @@ def main() -> None:
         ours_rate, file_rate = time_loaders(args, tmp)
 
     name = "SD v1.4 shapes" if args.full_size else (args.teacher or "tiny SD")
-    figures = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "model": name,
-               "student": args.student, "batch_size": args.batch_size, "resolution": args.resolution,
-               "mixed_precision": args.mixed_precision if device.type == "cuda" else "no", "ema": args.ema,
-               "ours_step_s": ours, "bare_step_s": bare, "step_ratio": ours / bare,
-               "ours_output_kd_only_step_s": ours_out, "step_ratio_output_kd_only": ours_out / bare,
-               "ours_loader_samples_per_s": ours_rate, "per_file_loader_samples_per_s": file_rate,
-               "loader_ratio": ours_rate / file_rate}
-    print(f"\n{name}, student {args.student}, batch {args.batch_size}, {args.resolution} px, {figures['device']}, "
-          f"autocast {figures['mixed_precision']}")
+    figures = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "model": name,
+        "student": args.student,
+        "batch_size": args.batch_size,
+        "resolution": args.resolution,
+        "mixed_precision": args.mixed_precision if device.type == "cuda" else "no",
+        "ema": args.ema,
+        "ours_step_s": ours,
+        "bare_step_s": bare,
+        "step_ratio": ours / bare,
+        "ours_output_kd_only_step_s": ours_out,
+        "step_ratio_output_kd_only": ours_out / bare,
+        "ours_loader_samples_per_s": ours_rate,
+        "per_file_loader_samples_per_s": file_rate,
+        "loader_ratio": ours_rate / file_rate,
+    }
+    print(
+        f"\n{name}, student {args.student}, batch {args.batch_size}, {args.resolution} px, {figures['device']}, "
+        f"autocast {figures['mixed_precision']}"
+    )
     print(f"{'our step (train.py)':28s}{ours * 1e3:>11.1f} ms")
     print(f"{'  same, output KD only':28s}{ours_out * 1e3:>11.1f} ms")
     print(f"{'bare step':28s}{bare * 1e3:>11.1f} ms")

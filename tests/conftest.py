@@ -1,4 +1,5 @@
 """Shared test setup: offline hub, the repository root on sys.path, a tiny Stable Diffusion folder."""
+
 import os
 import sys
 from pathlib import Path

@@ -1,5 +1,6 @@
 """evaluate.py on CPU: tiny SD pipeline, small injected Inception / CLIP stand-ins, metrics checked against
 independent numpy/scipy computations, resumability, subsets, bad inputs, 1 vs 2 processes (slow)."""
+
 import json
 import os
 import subprocess
@@ -53,12 +54,27 @@ def tiny_clip() -> evaluate.ClipScorer:
     torch.manual_seed(0)
     tokenizer = _tiny_tokenizer()
     config = CLIPConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=16, bos_token_id=0, eos_token_id=1,
-                         pad_token_id=2),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=24, patch_size=8),
-        projection_dim=16)
+        text_config=dict(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=16,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=2,
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=24,
+            patch_size=8,
+        ),
+        projection_dim=16,
+    )
     return evaluate.ClipScorer(CLIPModel(config), tokenizer, image_size=24)
 
 
@@ -158,8 +174,9 @@ def test_clip_loads_from_a_saved_folder(tmp_path):
     # the folder's own normalisation wins over the OpenAI defaults
     config = {"image_mean": [0.5] * 3, "image_std": [0.5] * 3}
     (tmp_path / "clip" / "preprocessor_config.json").write_text(json.dumps(config))
-    assert not torch.allclose(evaluate.ClipScorer.load(str(tmp_path / "clip"), torch.device("cpu"))(images, texts),
-                              clip(images, texts))
+    assert not torch.allclose(
+        evaluate.ClipScorer.load(str(tmp_path / "clip"), torch.device("cpu"))(images, texts), clip(images, texts)
+    )
 
 
 def test_missing_weights_and_libraries_say_how_to_get_them(tmp_path):
@@ -219,8 +236,23 @@ def test_generate_resume_score_subsets(tiny_sd, tmp_path, prompt_file, capsys):
     (tmp_path / "ids.txt").write_text("1\n2\n")
     out = tmp_path / "eval"
     inception, clip = TinyInception(), tiny_clip()
-    args = ["--model", tiny_sd, "--prompts", prompt_file, "--out-dir", out, "--ref", ref, *GEN,
-            "--subset", f"cats={tmp_path / 'cats.txt'}", "--subset", f"ids={tmp_path / 'ids.txt'}", "--is-splits", "2"]
+    args = [
+        "--model",
+        tiny_sd,
+        "--prompts",
+        prompt_file,
+        "--out-dir",
+        out,
+        "--ref",
+        ref,
+        *GEN,
+        "--subset",
+        f"cats={tmp_path / 'cats.txt'}",
+        "--subset",
+        f"ids={tmp_path / 'ids.txt'}",
+        "--is-splits",
+        "2",
+    ]
     run(args, inception=inception, clip=clip)
     images = pixels(out / "images")
     assert list(images) == [f"{i:06d}.png" for i in range(6)]
@@ -254,13 +286,43 @@ def test_generate_resume_score_subsets(tiny_sd, tmp_path, prompt_file, capsys):
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items() if p.name != "000003.png")
     assert np.abs(pixels(out / "images")["000003.png"] - images["000003.png"]).max() <= 1
     # a student UNet swapped into the pipeline (here the same UNet) makes the same images; --scheduler is recorded
-    run(["--model", tiny_sd, "--unet", tiny_sd, "--prompts", prompt_file, "--num-prompts", "2", "--out-dir",
-         tmp_path / "swap", *GEN, "--metrics", "none"])
+    run(
+        [
+            "--model",
+            tiny_sd,
+            "--unet",
+            tiny_sd,
+            "--prompts",
+            prompt_file,
+            "--num-prompts",
+            "2",
+            "--out-dir",
+            tmp_path / "swap",
+            *GEN,
+            "--metrics",
+            "none",
+        ]
+    )
     swapped = pixels(tmp_path / "swap" / "images")
     assert list(swapped) == ["000000.png", "000001.png"]
     assert all(np.abs(swapped[k] - images[k]).max() <= 1 for k in swapped)
-    run(["--model", tiny_sd, "--prompts", prompt_file, "--num-prompts", "1", "--out-dir", tmp_path / "ddim", *GEN,
-         "--scheduler", "ddim", "--metrics", "none"])
+    run(
+        [
+            "--model",
+            tiny_sd,
+            "--prompts",
+            prompt_file,
+            "--num-prompts",
+            "1",
+            "--out-dir",
+            tmp_path / "ddim",
+            *GEN,
+            "--scheduler",
+            "ddim",
+            "--metrics",
+            "none",
+        ]
+    )
     assert json.loads((tmp_path / "ddim" / "generation.json").read_text())["settings"]["scheduler"] == "DDIMScheduler"
     # other settings, or other prompts for the same image ids, into the same folder are refused
     with pytest.raises(SystemExit, match="other settings .*steps"):
@@ -287,8 +349,21 @@ def test_reference_stats_file_and_compare(tmp_path, capsys):
     # score existing images (no --model) against the folder, then against the saved statistics
     fids = []
     for i, r in enumerate([ref, tmp_path / "ref.npz"]):
-        run(["--prompts", tmp_path / "p.txt", "--out-dir", tmp_path / "eval", "--ref", r, "--metrics", "fid,is",
-             "--name", f"model{i}"], inception=inception)
+        run(
+            [
+                "--prompts",
+                tmp_path / "p.txt",
+                "--out-dir",
+                tmp_path / "eval",
+                "--ref",
+                r,
+                "--metrics",
+                "fid,is",
+                "--name",
+                f"model{i}",
+            ],
+            inception=inception,
+        )
         (tmp_path / f"m{i}.json").write_bytes((tmp_path / "eval" / "metrics.json").read_bytes())
         fids.append(json.loads((tmp_path / f"m{i}.json").read_text())["metrics"]["all"]["fid"])
     assert fids[0] == pytest.approx(fids[1], rel=1e-9)
@@ -336,17 +411,47 @@ def test_bad_inputs(tiny_sd, tmp_path, prompt_file):
         "no prompts in": ["--prompts", tmp_path / "empty.txt", "--out-dir", tmp_path / "o"],
         "5 images; a 8-dim covariance needs more than 8": ["--ref", small, "--save-ref-stats", tmp_path / "s.npz"],
         "mixed sizes": ["--ref", mixed, "--save-ref-stats", tmp_path / "s.npz"],
-        "has no unet/ folder": ["--model", no_unet, "--prompts", prompt_file, "--out-dir", tmp_path / "o",
-                                "--ref", ref],
-        "no UNet config.json": ["--model", tiny_sd, "--unet", tmp_path, "--prompts", prompt_file,
-                                "--out-dir", tmp_path / "o", "--metrics", "none"],
+        "has no unet/ folder": [
+            "--model",
+            no_unet,
+            "--prompts",
+            prompt_file,
+            "--out-dir",
+            tmp_path / "o",
+            "--ref",
+            ref,
+        ],
+        "no UNet config.json": [
+            "--model",
+            tiny_sd,
+            "--unet",
+            tmp_path,
+            "--prompts",
+            prompt_file,
+            "--out-dir",
+            tmp_path / "o",
+            "--metrics",
+            "none",
+        ],
         "6 of 6 images missing": ["--prompts", prompt_file, "--out-dir", tmp_path / "o2", "--metrics", "is"],
         "unknown metric": ["--prompts", prompt_file, "--out-dir", tmp_path / "o", "--metrics", "fid,kid"],
         "FID needs --ref": ["--prompts", prompt_file, "--out-dir", tmp_path / "o"],
-        "subset bad: prompt id 99 out of range": ["--prompts", prompt_file, "--out-dir", tmp_path / "o",
-                                                  "--subset", f"bad={_write(tmp_path / 'b.txt', '99')}"],
-        "texts are not among the prompts": ["--prompts", prompt_file, "--out-dir", tmp_path / "o",
-                                            "--subset", f"bad={_write(tmp_path / 'c.txt', 'a green horse')}"],
+        "subset bad: prompt id 99 out of range": [
+            "--prompts",
+            prompt_file,
+            "--out-dir",
+            tmp_path / "o",
+            "--subset",
+            f"bad={_write(tmp_path / 'b.txt', '99')}",
+        ],
+        "texts are not among the prompts": [
+            "--prompts",
+            prompt_file,
+            "--out-dir",
+            tmp_path / "o",
+            "--subset",
+            f"bad={_write(tmp_path / 'c.txt', 'a green horse')}",
+        ],
     }
     for message, argv in cases.items():
         with pytest.raises(SystemExit, match="^error: .*" + message):
@@ -354,8 +459,19 @@ def test_bad_inputs(tiny_sd, tmp_path, prompt_file):
 
 
 def test_cli_error_is_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--prompts", str(tmp_path / "missing.csv"),
-                           "--out-dir", str(tmp_path)], capture_output=True, text=True, cwd=tmp_path)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "evaluate.py"),
+            "--prompts",
+            str(tmp_path / "missing.csv"),
+            "--out-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1].startswith("error: prompt file")
     assert "Traceback" not in proc.stderr
@@ -386,9 +502,25 @@ def test_one_and_two_processes_agree(tiny_sd, tmp_path, prompt_file):
     reports = []
     for nproc in (1, 2):
         out = tmp_path / f"eval{nproc}"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(driver),
-               "--model", str(tiny_sd), "--prompts", str(prompt_file), "--out-dir", str(out), "--ref", str(ref),
-               *GEN, "--is-splits", "2"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            str(driver),
+            "--model",
+            str(tiny_sd),
+            "--prompts",
+            str(prompt_file),
+            "--out-dir",
+            str(out),
+            "--ref",
+            str(ref),
+            *GEN,
+            "--is-splits",
+            "2",
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
         reports.append(json.loads((out / "metrics.json").read_text())["metrics"]["all"])

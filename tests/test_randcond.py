@@ -1,4 +1,5 @@
 """Tests of the method library: schedules, selector, text pool, distillation losses."""
+
 import gzip
 import math
 import os
@@ -29,7 +30,9 @@ def _expected(schedule: str, t: int, lam: float) -> float:
     }[schedule]
 
 
-@pytest.mark.parametrize("schedule,lam", [("exp", 5.0), ("exp", 2.0), ("sigmoid", 5.0), ("two_sided", 5.0), ("constant", 0.3), ("none", 5.0)])
+@pytest.mark.parametrize(
+    "schedule,lam", [("exp", 5.0), ("exp", 2.0), ("sigmoid", 5.0), ("two_sided", 5.0), ("constant", 0.3), ("none", 5.0)]
+)
 def test_replace_prob_values(schedule, lam):
     t = torch.tensor([0, T // 2, T - 1])
     p = rc.replace_prob(t, T, schedule, lam)
@@ -48,11 +51,14 @@ def test_replace_prob_keeps_shape():
     assert rc.replace_prob(t).shape == (3, 4)
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(schedule="cosine"), "exp, sigmoid, two_sided, constant, none"),
-    (dict(schedule="constant", lam=1.5), r"\[0, 1\]"),
-    (dict(schedule="exp", lam=-1.0), ">= 0"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(schedule="cosine"), "exp, sigmoid, two_sided, constant, none"),
+        (dict(schedule="constant", lam=1.5), r"\[0, 1\]"),
+        (dict(schedule="exp", lam=-1.0), ">= 0"),
+    ],
+)
 def test_replace_prob_rejects_bad_settings(kwargs, match):
     with pytest.raises(ValueError, match=match):
         rc.replace_prob(torch.tensor([1]), **kwargs)
@@ -199,7 +205,7 @@ def test_conditioner_rejects_length_mismatch():
 TRICKY = [
     "a photo of a cat",
     "  leading and trailing spaces  ",
-    'quotes "double" and \'single\', commas, and a \\ backslash',
+    "quotes \"double\" and 'single', commas, and a \\ backslash",
     "tabs\tinside\tthe line",
     "unicode: café, naïve, 東京の夜景, emoji 🐱🚀, RTL שלום",
     "x" * 200_000,  # very long
@@ -491,9 +497,11 @@ def test_relational_loss_matches_direct_formula():
     total = 0.0
     for n in range(N):
         for b in range(B):
+
             def row(x):
                 v = x[:, n] / x[:, n].norm(dim=-1, keepdim=True)
                 return torch.softmax(v @ v[b] / 0.5, dim=0)
+
             pt, ps = row(t), row(s)
             total += (pt * (pt.log() - ps.log())).sum().item()
     expected = total / (B * B * N)
@@ -558,8 +566,15 @@ def test_text_pool_gzip_opened_by_several_processes_at_once(tmp_path):
     with gzip.open(path, "wt", encoding="utf-8") as f:
         f.writelines(f"prompt number {i} of the pool\n" for i in range(n))
     start = time.time() + 8  # after the interpreters and torch have started
-    procs = [subprocess.Popen([sys.executable, "-c", _OPEN_AT, str(ROOT), str(path), str(start)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _OPEN_AT, str(ROOT), str(path), str(start)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(3)
+    ]
     expected = f"{n} prompt number 0 of the pool prompt number {n - 1} of the pool prompt number {n // 2} of the pool"
     for p in procs:
         out, err = p.communicate(timeout=120)

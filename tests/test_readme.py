@@ -1,18 +1,24 @@
 """The README's commands: every flag it shows exists, and the CPU walk-through runs as written."""
+
 import os
 import re
 import shlex
 import subprocess
 import sys
-from functools import lru_cache
+from functools import cache
 
 import pytest
-
 from conftest import ROOT
 
 README = (ROOT / "README.md").read_text(encoding="utf-8")
-SCRIPTS = ("train.py", "evaluate.py", "toy_mnist.py", "bench/text_pool.py", "bench/train_step.py",
-           "bench/evaluate_metrics.py")
+SCRIPTS = (
+    "train.py",
+    "evaluate.py",
+    "toy_mnist.py",
+    "bench/text_pool.py",
+    "bench/train_step.py",
+    "bench/evaluate_metrics.py",
+)
 
 
 def bash_blocks(text: str) -> list[str]:
@@ -32,23 +38,29 @@ def script_invocations() -> list[tuple[str, list[str], str]]:
             if m:  # T="torchrun ... train.py --teacher ..." then $T --data ...
                 variables[m.group(1)] = m.group(2)
                 line = m.group(2)
-            line = re.sub(r"^\$(\w+)", lambda v: variables.get(v.group(1), v.group(0)), line)
+            line = re.sub(r"^\$(\w+)", lambda v, variables=variables: variables.get(v.group(1), v.group(0)), line)
             try:
                 tokens = shlex.split(line)
             except ValueError:
                 continue
             for i, tok in enumerate(tokens):
                 if tok in SCRIPTS:
-                    flags = [t.split("=")[0] for t in tokens[i + 1:] if t.startswith("--")]
+                    flags = [t.split("=")[0] for t in tokens[i + 1 :] if t.startswith("--")]
                     found.append((tok, flags, line))
                     break
     return found
 
 
-@lru_cache(maxsize=None)
+@cache
 def help_text(script: str) -> str:
-    out = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True,
-                         env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=120)
+    out = subprocess.run(
+        [sys.executable, script, "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     return out.stdout
 
@@ -74,15 +86,20 @@ def test_every_flag_in_the_readme_exists():
 @pytest.mark.slow
 def test_cpu_walkthrough_runs_as_written(tmp_path):
     """The README's 'Try it on the CPU' block, verbatim, in a scratch folder holding the scripts."""
-    section = README[README.index("### Try it on the CPU"):]
+    section = README[README.index("### Try it on the CPU") :]
     block = bash_blocks(section)[0]
     for name in ("train.py", "randcond.py", "tests"):
         (tmp_path / name).symlink_to(ROOT / name)
     (tmp_path / "runs").mkdir()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-           "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
-    out = subprocess.run(["bash", "-euo", "pipefail", "-c", block], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=900)
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),
+    }
+    out = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", block], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900
+    )
     assert out.returncode == 0, (out.stdout[-3000:], out.stderr[-3000:])
     for run in ("tiny_student", "tiny_student_ddp"):
         assert (tmp_path / "runs" / run / "unet" / "diffusion_pytorch_model.safetensors").is_file()

@@ -1,5 +1,6 @@
 """toy_mnist.py: the MNIST loader (IDX parsing, MD5 check, download, split), the sampler, and the
 quick preset end to end on the shared MNIST test split."""
+
 import functools
 import gzip
 import http.server
@@ -14,8 +15,9 @@ from conftest import MNIST_DIR
 
 import toy_mnist as tm
 
-needs_mnist = pytest.mark.skipif(not (MNIST_DIR / "t10k-images-idx3-ubyte.gz").exists(),
-                                 reason="shared MNIST test split not present")
+needs_mnist = pytest.mark.skipif(
+    not (MNIST_DIR / "t10k-images-idx3-ubyte.gz").exists(), reason="shared MNIST test split not present"
+)
 
 
 def idx_bytes(array: np.ndarray) -> bytes:
@@ -33,11 +35,14 @@ def test_parse_idx_round_trip():
     assert np.array_equal(tm.parse_idx(idx_bytes(labels)), labels)
 
 
-@pytest.mark.parametrize("data, message", [
-    (b"\x00\x00\x0d\x01" + (3).to_bytes(4, "big") + bytes(12), "bad magic"),  # float32 dtype code
-    (b"\x00\x00\x08\x01" + (5).to_bytes(4, "big") + bytes(4), "header says"),  # truncated
-    (b"\x00\x00", "bad magic"),
-])
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (b"\x00\x00\x0d\x01" + (3).to_bytes(4, "big") + bytes(12), "bad magic"),  # float32 dtype code
+        (b"\x00\x00\x08\x01" + (5).to_bytes(4, "big") + bytes(4), "header says"),  # truncated
+        (b"\x00\x00", "bad magic"),
+    ],
+)
 def test_parse_idx_rejects_bad_files(data, message):
     with pytest.raises(ValueError, match=message):
         tm.parse_idx(data)
@@ -202,8 +207,9 @@ def test_quick_preset_end_to_end(tmp_path, monkeypatch, images):
 
 @needs_mnist
 def test_quick_ablation_covers_every_schedule(tmp_path):
-    report = tm.main(["--preset", "quick", "--data-dir", str(MNIST_DIR), "--out", str(tmp_path), "--ablate",
-                      "--threads", "1"])
+    report = tm.main(
+        ["--preset", "quick", "--data-dir", str(MNIST_DIR), "--out", str(tmp_path), "--ablate", "--threads", "1"]
+    )
     got = {(r["schedule"], r["lam"]) for r in report["ablation"]}
     assert got >= {(s, lam) for s, lam in tm.ABLATION}
     assert all(0 <= r["unseen_mean"] <= 1 and 0 <= r["seen_mean"] <= 1 for r in report["ablation"])

@@ -1,5 +1,6 @@
 """train.py on a tiny SD-v1-shaped teacher: students, latent cache, training on 1 and 2 processes,
 kill-and-resume, export, and every bad input the trainer promises to reject cleanly."""
+
 import json
 import os
 import signal
@@ -17,14 +18,32 @@ import train
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = [
-    "a red cat on the sea", "a blue car in the city", "a photo of a dog with a man",
-    "a painting of a small house in the forest", "a big tree on a mountain at night", "a white bird in the sky",
-    "a green field with flowers", "a woman and a child on the street",
+    "a red cat on the sea",
+    "a blue car in the city",
+    "a photo of a dog with a man",
+    "a painting of a small house in the forest",
+    "a big tree on a mountain at night",
+    "a white bird in the sky",
+    "a green field with flowers",
+    "a woman and a child on the street",
 ]
 # one thread per process: the tiny models are all overhead, and the CI machine has two shared cores
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-FAST = ["--resolution", "64", "--gen-steps", "2", "--batch-size", "2", "--total-batch-size", "4",
-        "--validate-every", "0", "--log-every", "1", "--no-gradient-checkpointing"]
+FAST = [
+    "--resolution",
+    "64",
+    "--gen-steps",
+    "2",
+    "--batch-size",
+    "2",
+    "--total-batch-size",
+    "4",
+    "--validate-every",
+    "0",
+    "--log-every",
+    "1",
+    "--no-gradient-checkpointing",
+]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -47,8 +66,17 @@ def texts(tmp_path_factory) -> tuple[Path, Path]:
 def cache(tiny_sd, texts, tmp_path_factory) -> Path:
     """An image-free latent cache built by train.py itself (--max-steps 0 builds and stops)."""
     data = tmp_path_factory.mktemp("cache") / "data"
-    run_inproc(tiny_sd, data, tmp_path_factory.mktemp("out0"), "--prompts", str(texts[0]), "--shard-size", "3",
-               "--max-steps", "0")
+    run_inproc(
+        tiny_sd,
+        data,
+        tmp_path_factory.mktemp("out0"),
+        "--prompts",
+        str(texts[0]),
+        "--shard-size",
+        "3",
+        "--max-steps",
+        "0",
+    )
     return data
 
 
@@ -58,8 +86,18 @@ def run_inproc(teacher, data, out, *extra):
 
 
 def cmd(teacher, data, out, *extra) -> list[str]:
-    return [sys.executable, str(ROOT / "train.py"), "--teacher", str(teacher), "--data", str(data),
-            "--output-dir", str(out), *FAST, *extra]
+    return [
+        sys.executable,
+        str(ROOT / "train.py"),
+        "--teacher",
+        str(teacher),
+        "--data",
+        str(data),
+        "--output-dir",
+        str(out),
+        *FAST,
+        *extra,
+    ]
 
 
 def error_of(teacher, data, out, *extra) -> str:
@@ -74,16 +112,35 @@ def error_of(teacher, data, out, *extra) -> str:
 # students
 
 SD14_UNET = {  # CompVis/stable-diffusion-v1-4 unet/config.json
-    "act_fn": "silu", "attention_head_dim": 8, "block_out_channels": [320, 640, 1280, 1280],
-    "center_input_sample": False, "cross_attention_dim": 768,
+    "act_fn": "silu",
+    "attention_head_dim": 8,
+    "block_out_channels": [320, 640, 1280, 1280],
+    "center_input_sample": False,
+    "cross_attention_dim": 768,
     "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-    "downsample_padding": 1, "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": 4, "layers_per_block": 2,
-    "mid_block_scale_factor": 1, "norm_eps": 1e-05, "norm_num_groups": 32, "out_channels": 4, "sample_size": 64,
+    "downsample_padding": 1,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "out_channels": 4,
+    "sample_size": 64,
     "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
 }
 # UNet parameters in billions, REFERENCE.md (BK-SDM / the paper); c_* are given as approximate there
-PUBLISHED = {"teacher": 0.86, "bk_base": 0.58, "bk_small": 0.49, "bk_tiny": 0.33,
-             "c_base": 0.55, "c_small": 0.43, "c_tiny": 0.31, "c_micro": 0.22}
+PUBLISHED = {
+    "teacher": 0.86,
+    "bk_base": 0.58,
+    "bk_small": 0.49,
+    "bk_tiny": 0.33,
+    "c_base": 0.55,
+    "c_small": 0.43,
+    "c_tiny": 0.31,
+    "c_micro": 0.22,
+}
 
 
 def meta_unet(cfg):
@@ -102,8 +159,13 @@ def test_student_sizes_match_the_published_ones_at_sd14_scale(name):
 
 
 def test_width_students_of_sd2_keep_heads_that_divide():
-    sd2 = {**SD14_UNET, "attention_head_dim": [5, 10, 20, 20], "cross_attention_dim": 1024,
-           "use_linear_projection": True, "sample_size": 96}
+    sd2 = {
+        **SD14_UNET,
+        "attention_head_dim": [5, 10, 20, 20],
+        "cross_attention_dim": 1024,
+        "use_linear_projection": True,
+        "sample_size": 96,
+    }
     for name in ("c_base", "c_small", "c_tiny", "c_micro"):
         cfg = train.student_config(sd2, name)
         assert all(w % h == 0 for w, h in zip(cfg["block_out_channels"], cfg["attention_head_dim"]))
@@ -130,12 +192,14 @@ def test_students_of_the_tiny_teacher(tiny_sd, name):
         assert len(student.down_blocks) == (3 if name == "bk_tiny" else 4)
         # the published mapping, spelled out: up stages keep layers 0 and 2; bk_tiny's up stage k is the teacher's k+1
         up = 1 if name == "bk_tiny" else 0
-        pairs = {"down_blocks.0.resnets.0.conv1.weight": "down_blocks.0.resnets.0.conv1.weight",
-                 "down_blocks.1.attentions.0.proj_in.weight": "down_blocks.1.attentions.0.proj_in.weight",
-                 "up_blocks.1.resnets.0.conv2.weight": f"up_blocks.{1 + up}.resnets.0.conv2.weight",
-                 "up_blocks.1.resnets.1.conv1.weight": f"up_blocks.{1 + up}.resnets.2.conv1.weight",
-                 "up_blocks.2.attentions.1.proj_out.weight": f"up_blocks.{2 + up}.attentions.2.proj_out.weight",
-                 "conv_out.weight": "conv_out.weight"}
+        pairs = {
+            "down_blocks.0.resnets.0.conv1.weight": "down_blocks.0.resnets.0.conv1.weight",
+            "down_blocks.1.attentions.0.proj_in.weight": "down_blocks.1.attentions.0.proj_in.weight",
+            "up_blocks.1.resnets.0.conv2.weight": f"up_blocks.{1 + up}.resnets.0.conv2.weight",
+            "up_blocks.1.resnets.1.conv1.weight": f"up_blocks.{1 + up}.resnets.2.conv1.weight",
+            "up_blocks.2.attentions.1.proj_out.weight": f"up_blocks.{2 + up}.attentions.2.proj_out.weight",
+            "conv_out.weight": "conv_out.weight",
+        }
         for s, t in pairs.items():
             assert torch.equal(s_state[s], t_state[t]), s
         # and every student tensor comes from some teacher tensor of the same shape
@@ -143,7 +207,10 @@ def test_students_of_the_tiny_teacher(tiny_sd, name):
             assert torch.equal(v, t_state[train.teacher_name(k, name)]), k
     else:
         scale = train.C_WIDTHS[name] / 320
-        assert all(abs(s - t * scale) <= 8 for s, t in zip(student.config.block_out_channels, teacher.config.block_out_channels))
+        assert all(
+            abs(s - t * scale) <= 8
+            for s, t in zip(student.config.block_out_channels, teacher.config.block_out_channels)
+        )
         assert not torch.equal(s_state["conv_in.weight"][:1], t_state["conv_in.weight"][:1, :, :, :])
         with pytest.raises(SystemExit, match="--init random"):
             train.build_student(teacher, name, "teacher")
@@ -181,8 +248,15 @@ def test_image_free_cache_holds_the_teachers_latents(tiny_sd, cache):
     # the stored latent is the teacher's own sample for that prompt and its fixed seed (seed + index)
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd)
     pipe.set_progress_bar_config(disable=True)
-    ref = pipe([PROMPTS[5]], height=64, width=64, num_inference_steps=2, guidance_scale=7.5,
-               generator=[torch.Generator().manual_seed(1234 + 5)], output_type="latent").images
+    ref = pipe(
+        [PROMPTS[5]],
+        height=64,
+        width=64,
+        num_inference_steps=2,
+        guidance_scale=7.5,
+        generator=[torch.Generator().manual_seed(1234 + 5)],
+        output_type="latent",
+    ).images
     torch.testing.assert_close(lat[0].float(), ref[0], atol=2e-3, rtol=2e-3)
     assert (cache / "captions.txt").read_text().splitlines() == PROMPTS
 
@@ -243,24 +317,47 @@ def test_train_one_process_with_projections_and_export(tiny_sd, cache, texts, tm
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
     out = tmp_path / "out"
-    run_inproc(tiny_sd, cache, out, "--student", "c_small", "--text-pool", str(texts[1]), "--max-steps", "3",
-               "--lambda-task", "1", "--lambda-rel", "1", "--checkpoint-every", "2", "--validate-every", "3",
-               "--validation-steps", "2", "--gradient-checkpointing")
+    run_inproc(
+        tiny_sd,
+        cache,
+        out,
+        "--student",
+        "c_small",
+        "--text-pool",
+        str(texts[1]),
+        "--max-steps",
+        "3",
+        "--lambda-task",
+        "1",
+        "--lambda-rel",
+        "1",
+        "--checkpoint-every",
+        "2",
+        "--validate-every",
+        "3",
+        "--validation-steps",
+        "2",
+        "--gradient-checkpointing",
+    )
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3]
     for key in ("loss_kd_out", "loss_kd_feat", "loss_task", "loss_rel"):
         assert all(r[key] > 0 and np.isfinite(r[key]) for r in log), key
     for r in log:  # the logged total is the weighted sum of the logged terms (lambdas all 1 here)
-        assert r["loss"] == pytest.approx(r["loss_kd_out"] + r["loss_kd_feat"] + r["loss_task"] + r["loss_rel"], rel=1e-5)
+        assert r["loss"] == pytest.approx(
+            r["loss_kd_out"] + r["loss_kd_feat"] + r["loss_task"] + r["loss_rel"], rel=1e-5
+        )
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000002.pt", "step-0000003.pt"]
     assert (out / "samples" / "step-0000003.png").is_file()
     ckpt = torch.load(out / "checkpoints" / "step-0000003.pt", weights_only=True)
     assert any(k.startswith("distiller.proj.") for k in ckpt["model"])  # projections trained ...
     exported = load_file(out / "unet_no_ema" / "diffusion_pytorch_model.safetensors")
     assert not any("proj." in k and k.startswith("distiller") for k in exported)  # ... and dropped at export
-    trained = {k[len("unet."):]: v for k, v in ckpt["model"].items() if k.startswith("unet.")}
+    trained = {k[len("unet.") :]: v for k, v in ckpt["model"].items() if k.startswith("unet.")}
     assert exported.keys() == trained.keys() and all(torch.equal(exported[k], trained[k]) for k in exported)
-    init = UNet2DConditionModel.from_config(train.student_config(UNet2DConditionModel.load_config(tiny_sd / "unet"), "c_small"))
+    init = UNet2DConditionModel.from_config(
+        train.student_config(UNet2DConditionModel.load_config(tiny_sd / "unet"), "c_small")
+    )
     assert init.state_dict().keys() == exported.keys()
 
     pipe = StableDiffusionPipeline.from_pretrained(out)
@@ -272,8 +369,9 @@ def test_train_one_process_with_projections_and_export(tiny_sd, cache, texts, tm
     assert not all(torch.equal(ema[k], exported[k]) for k in ema)  # unet/ holds the EMA weights
 
 
-@pytest.mark.parametrize("flags, rate", [(["--no-random-conditioning"], 0.0),
-                                         (["--rc-schedule", "constant", "--rc-lambda", "1"], 1.0)])
+@pytest.mark.parametrize(
+    "flags, rate", [(["--no-random-conditioning"], 0.0), (["--rc-schedule", "constant", "--rc-lambda", "1"], 1.0)]
+)
 def test_random_conditioning_flags_reach_the_step(tiny_sd, cache, tmp_path, flags, rate):
     # p(t) = 0 and p(t) = 1 pin the logged swap rate exactly; lambda_feat 0 keeps the steps cheap
     run_inproc(tiny_sd, cache, tmp_path / "o", "--max-steps", "2", "--lambda-feat", "0", "--no-ema", *flags)
@@ -282,7 +380,9 @@ def test_random_conditioning_flags_reach_the_step(tiny_sd, cache, tmp_path, flag
 
 
 def test_bk_tiny_trains_with_its_shorter_feature_pairs(tiny_sd, cache, tmp_path):
-    run_inproc(tiny_sd, cache, tmp_path / "o", "--student", "bk_tiny", "--max-steps", "2", "--lambda-rel", "1", "--no-ema")
+    run_inproc(
+        tiny_sd, cache, tmp_path / "o", "--student", "bk_tiny", "--max-steps", "2", "--lambda-rel", "1", "--no-ema"
+    )
     log = [json.loads(line) for line in (tmp_path / "o" / "log.jsonl").read_text().splitlines()]
     assert all(r["loss_kd_feat"] > 0 and r["loss_rel"] > 0 for r in log)
     from diffusers import UNet2DConditionModel
@@ -295,11 +395,38 @@ def test_help_lists_the_flags(capsys):
         train.parse_args(["--help"])
     assert e.value.code == 0
     text = capsys.readouterr().out
-    for flag in ("--teacher", "--student", "--init", "--data", "--prompts", "--images", "--text-pool",
-                 "--random-conditioning", "--no-random-conditioning", "--rc-schedule", "--rc-lambda", "--null-prob",
-                 "--resolution", "--max-steps", "--batch-size", "--total-batch-size", "--lr", "--lambda-out",
-                 "--lambda-feat", "--lambda-task", "--lambda-rel", "--mixed-precision", "--gradient-checkpointing",
-                 "--ema", "--output-dir", "--checkpoint-every", "--resume", "--seed", "--validate-every", "--compile"):
+    for flag in (
+        "--teacher",
+        "--student",
+        "--init",
+        "--data",
+        "--prompts",
+        "--images",
+        "--text-pool",
+        "--random-conditioning",
+        "--no-random-conditioning",
+        "--rc-schedule",
+        "--rc-lambda",
+        "--null-prob",
+        "--resolution",
+        "--max-steps",
+        "--batch-size",
+        "--total-batch-size",
+        "--lr",
+        "--lambda-out",
+        "--lambda-feat",
+        "--lambda-task",
+        "--lambda-rel",
+        "--mixed-precision",
+        "--gradient-checkpointing",
+        "--ema",
+        "--output-dir",
+        "--checkpoint-every",
+        "--resume",
+        "--seed",
+        "--validate-every",
+        "--compile",
+    ):
         assert flag in text, flag
 
 
@@ -309,8 +436,12 @@ def test_kill_and_resume_gives_the_uninterrupted_weights(tiny_sd, cache, texts, 
     run_inproc(tiny_sd, cache, full, *common, "--max-steps", "6")  # in this process: one start-up less
 
     cut = tmp_path / "cut"
-    proc = subprocess.Popen(cmd(tiny_sd, cache, cut, *common, "--max-steps", "1000"), env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        cmd(tiny_sd, cache, cut, *common, "--max-steps", "1000"),
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 120
     while not list((cut / "checkpoints").glob("step-*.pt")) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.02)
@@ -318,8 +449,9 @@ def test_kill_and_resume_gives_the_uninterrupted_weights(tiny_sd, cache, texts, 
     proc.wait()
     kept = sorted((cut / "checkpoints").glob("step-*.pt"))
     assert kept and int(kept[-1].stem[5:]) < 6 and not (cut / "unet").exists()
-    subprocess.run(cmd(tiny_sd, cache, cut, *common, "--max-steps", "6", "--resume"), env=ENV, check=True,
-                   capture_output=True)
+    subprocess.run(
+        cmd(tiny_sd, cache, cut, *common, "--max-steps", "6", "--resume"), env=ENV, check=True, capture_output=True
+    )
     for sub in ("unet", "unet_no_ema"):
         a = load_file(full / sub / "diffusion_pytorch_model.safetensors")
         b = load_file(cut / sub / "diffusion_pytorch_model.safetensors")
@@ -339,12 +471,26 @@ def test_torchrun_two_processes_end_with_identical_weights(tiny_sd, cache, texts
         "import train\n"
         "model = train.train(train.parse_args(sys.argv[1:]))\n"
         "state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}\n"
-        f"save_file(state, {str(tmp_path)!r} + f'/rank{{os.environ[\"RANK\"]}}.safetensors')\n")
+        f"save_file(state, {str(tmp_path)!r} + f'/rank{{os.environ[\"RANK\"]}}.safetensors')\n"
+    )
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    args = cmd(tiny_sd, cache, out, "--student", "c_tiny", "--text-pool", str(texts[1]), "--max-steps", "3",
-               "--total-batch-size", "8", "--no-ema")[2:]
-    r = subprocess.run(torchrun + [str(tmp_path / "each_rank.py")] + args, env=ENV, capture_output=True, text=True,
-                       timeout=300)
+    args = cmd(
+        tiny_sd,
+        cache,
+        out,
+        "--student",
+        "c_tiny",
+        "--text-pool",
+        str(texts[1]),
+        "--max-steps",
+        "3",
+        "--total-batch-size",
+        "8",
+        "--no-ema",
+    )[2:]
+    r = subprocess.run(
+        torchrun + [str(tmp_path / "each_rank.py")] + args, env=ENV, capture_output=True, text=True, timeout=300
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "2 processes x batch 2 x 2 accumulation = 8" in r.stdout
     rank0, rank1 = load_file(tmp_path / "rank0.safetensors"), load_file(tmp_path / "rank1.safetensors")
@@ -371,11 +517,17 @@ def test_bad_inputs_give_one_line_errors(tiny_sd, cache, texts, tmp_path):
     assert "pass --prompts FILE or --images DIR" in error_of(tiny_sd, tmp_path / "nodata", out)
     (tmp_path / "empty.txt").write_text("\n\n")
     assert "has no prompt" in error_of(tiny_sd, tmp_path / "d2", out, "--prompts", str(tmp_path / "empty.txt"))
-    assert "text pool file not found" in error_of(tiny_sd, cache, out, "--text-pool", str(tmp_path / "missing.txt"), "--max-steps", "1")
-    assert "text pool is empty" in error_of(tiny_sd, cache, out, "--text-pool", str(tmp_path / "empty.txt"), "--max-steps", "1")
+    assert "text pool file not found" in error_of(
+        tiny_sd, cache, out, "--text-pool", str(tmp_path / "missing.txt"), "--max-steps", "1"
+    )
+    assert "text pool is empty" in error_of(
+        tiny_sd, cache, out, "--text-pool", str(tmp_path / "empty.txt"), "--max-steps", "1"
+    )
     msg = error_of(tiny_sd, cache, out, "--resolution", "128", "--max-steps", "1")
     assert "(4, 8, 8)" in msg and "(4, 16, 16)" in msg and "--resolution 64" in msg
-    assert "not a multiple of --batch-size" in error_of(tiny_sd, cache, out, "--total-batch-size", "6", "--batch-size", "4")
+    assert "not a multiple of --batch-size" in error_of(
+        tiny_sd, cache, out, "--total-batch-size", "6", "--batch-size", "4"
+    )
     assert "no checkpoint" in error_of(tiny_sd, cache, tmp_path / "fresh", "--resume", "--max-steps", "1")
     (tmp_path / "imgs").mkdir()
     (tmp_path / "imgs" / "metadata.jsonl").write_text(json.dumps({"file_name": "gone.png", "text": "a cat"}))
@@ -386,7 +538,9 @@ def test_bad_inputs_give_one_line_errors(tiny_sd, cache, texts, tmp_path):
     error_of(tiny_sd, tmp_path / "d4", out, "--prompts", prompts, "--text-pool", str(tmp_path / "missing.txt"))
     assert not (tmp_path / "d4").exists()
     before = sorted(p.name for p in cache.iterdir())
-    assert json.loads((cache / "meta.json").read_text())["num_samples"] == 8 and before == sorted(p.name for p in cache.iterdir())
+    assert json.loads((cache / "meta.json").read_text())["num_samples"] == 8 and before == sorted(
+        p.name for p in cache.iterdir()
+    )
 
 
 def test_nan_loss_stops_with_an_error_and_keeps_the_checkpoints(tiny_sd, cache, tmp_path):
@@ -401,16 +555,36 @@ def test_nan_loss_stops_with_an_error_and_keeps_the_checkpoints(tiny_sd, cache, 
 
 
 def test_bad_input_exits_non_zero_without_a_traceback(tiny_sd, cache, tmp_path):
-    r = subprocess.run(cmd(tiny_sd, cache, tmp_path / "o", "--student", "nope"), env=ENV, capture_output=True, text=True)
+    r = subprocess.run(
+        cmd(tiny_sd, cache, tmp_path / "o", "--student", "nope"), env=ENV, capture_output=True, text=True
+    )
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("error: unknown --student 'nope'")
 
 
 @pytest.mark.slow
 def test_bench_train_step_prints_its_figures_as_json():
-    r = subprocess.run([sys.executable, str(ROOT / "bench" / "train_step.py"), "--warmup", "1", "--steps", "2",
-                        "--batch-size", "2", "--loader-samples", "128", "--threads", "1", "--json"],
-                       env=ENV, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "train_step.py"),
+            "--warmup",
+            "1",
+            "--steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--loader-samples",
+            "128",
+            "--threads",
+            "1",
+            "--json",
+        ],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     figures = json.loads(r.stdout.strip().splitlines()[-1])
     assert figures["step_ratio"] == pytest.approx(figures["ours_step_s"] / figures["bare_step_s"])

@@ -5,6 +5,7 @@ cross-attention mid block, 1 plain up stage + 3 cross-attention up stages, two l
 only with tiny widths, so student derivation, layer mapping and hooks see the real structure.
 The VAE keeps SD's 4 latent channels and downscale factor of 8 (four encoder stages).
 """
+
 from pathlib import Path
 
 import torch
@@ -35,9 +36,15 @@ def _tiny_tokenizer(max_length: int = 16):
                 merges.append(pair)
             symbols = [symbols[0] + symbols[1]] + symbols[2:]
             vocab.setdefault(symbols[0], len(vocab))
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length,
-                         unk_token="<unk>", bos_token="<|startoftext|>", eos_token="<|endoftext|>",
-                         pad_token="!")
+    return CLIPTokenizer(
+        vocab=vocab,
+        merges=merges,
+        model_max_length=max_length,
+        unk_token="<unk>",
+        bos_token="<|startoftext|>",
+        eos_token="<|endoftext|>",
+        pad_token="!",
+    )
 
 
 def make_tiny_sd(out_dir: Path, full_size: bool = False) -> Path:
@@ -45,8 +52,7 @@ def make_tiny_sd(out_dir: Path, full_size: bool = False) -> Path:
 
     full_size=True gives SD v1.4's real shapes (860M UNet, CLIP ViT-L/14 text encoder, 77 tokens, the
     real VAE) with random weights and the same small tokenizer: for timing on a GPU without the hub."""
-    from diffusers import (AutoencoderKL, PNDMScheduler, StableDiffusionPipeline,
-                           UNet2DConditionModel)
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     out_dir = Path(out_dir)
@@ -54,11 +60,21 @@ def make_tiny_sd(out_dir: Path, full_size: bool = False) -> Path:
     tokens = 77 if full_size else 16
     tokenizer = _tiny_tokenizer(tokens)
     width, layers, heads = (768, 12, 12) if full_size else (32, 2, 4)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=49408 if full_size else len(tokenizer), hidden_size=width, intermediate_size=4 * width if full_size else 64,
-        num_hidden_layers=layers, num_attention_heads=heads, max_position_embeddings=tokens, projection_dim=width,
-        hidden_act="quick_gelu", bos_token_id=0, eos_token_id=1, pad_token_id=2,
-    ))
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408 if full_size else len(tokenizer),
+            hidden_size=width,
+            intermediate_size=4 * width if full_size else 64,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            max_position_embeddings=tokens,
+            projection_dim=width,
+            hidden_act="quick_gelu",
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=2,
+        )
+    )
     unet = UNet2DConditionModel(
         sample_size=64 if full_size else 8,
         in_channels=4,
@@ -86,12 +102,23 @@ def make_tiny_sd(out_dir: Path, full_size: bool = False) -> Path:
     )
     # SD v1.4's scheduler config.
     scheduler = PNDMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-        skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        skip_prk_steps=True,
+        set_alpha_to_one=False,
+        steps_offset=1,
     )
     pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
     pipe.save_pretrained(out_dir, safe_serialization=True)
     return out_dir
