@@ -108,7 +108,7 @@ def main() -> None:
         pool = run_child("pool", path, args.reads)  # opens with the cached index
         plain = run_child("list", path, args.reads)
         size_mb = path.stat().st_size / 2**20
-        index_mb = path.with_name(path.name + ".rcidx").stat().st_size / 2**20
+        index_mb = sum(f.stat().st_size for f in Path(tmp).glob("*.rcidx")) / 2**20  # one index, beside the text
 
     print(f"{args.n:,} prompts, {size_mb:,.0f} MiB of text, index {index_mb:,.0f} MiB (written in {write_s:.1f} s)")
     print(f"{'':24}{'TextPool':>14}{'Python list':>14}{'list/pool':>10}")
