@@ -1,6 +1,8 @@
 """evaluate.py on CPU: tiny SD pipeline, small injected Inception / CLIP stand-ins, metrics checked against
-independent numpy/scipy computations, resumability, subsets, bad inputs, 1 vs 2 processes (slow)."""
+independent float64 computations, the published JPEG pipeline, resumability, subsets with their own references,
+bad inputs, 1 vs 2 processes (slow). The real torch-fidelity Inception runs in test_evaluate_fidelity.py."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -11,7 +13,9 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
-from PIL import Image
+from PIL import Image, ImageFilter
+from tiny_clip import make_tiny_clip, tiny_clip_model
+from tiny_sd import _tiny_tokenizer
 from torch import nn
 
 import evaluate
@@ -19,6 +23,7 @@ import evaluate
 ROOT = Path(__file__).resolve().parents[1]
 GEN = ["--resolution", "64", "--resize", "32", "--steps", "2", "--batch-size", "2"]
 PROMPTS = ["a red cat", "a blue dog", "a photo of a tree", "a house in the snow", "a boat on the sea", "a red cat"]
+OPENAI_MEAN, OPENAI_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
 
 @pytest.fixture(autouse=True)
@@ -48,34 +53,7 @@ class TinyInception(nn.Module):
 
 
 def tiny_clip() -> evaluate.ClipScorer:
-    from tiny_sd import _tiny_tokenizer
-    from transformers import CLIPConfig, CLIPModel
-
-    torch.manual_seed(0)
-    tokenizer = _tiny_tokenizer()
-    config = CLIPConfig(
-        text_config=dict(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=16,
-            bos_token_id=0,
-            eos_token_id=1,
-            pad_token_id=2,
-        ),
-        vision_config=dict(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            image_size=24,
-            patch_size=8,
-        ),
-        projection_dim=16,
-    )
-    return evaluate.ClipScorer(CLIPModel(config), tokenizer, image_size=24)
+    return evaluate.ClipScorer(tiny_clip_model(), _tiny_tokenizer(), 24, 24, OPENAI_MEAN, OPENAI_STD)
 
 
 def random_images(folder: Path, n: int, size=(32, 32), seed=0) -> Path:
@@ -87,11 +65,40 @@ def random_images(folder: Path, n: int, size=(32, 32), seed=0) -> Path:
 
 
 def scipy_fid(a: np.ndarray, b: np.ndarray) -> float:
-    """The textbook formula in float64 (as pytorch-fid computes it)."""
+    """The textbook formula in float64, as pytorch-fid computes it (scipy's sqrtm of the covariance product)."""
     mu1, mu2 = a.mean(0), b.mean(0)
     s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
     covmean = scipy.linalg.sqrtm(s1 @ s2).real
     return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+
+
+def sample_space_fid(a: np.ndarray, b: np.ndarray) -> float:
+    """The same formula for few samples: tr((S_a S_b)^1/2) is the nuclear norm of A B^T / sqrt((n_a-1)(n_b-1)),
+    A and B the centered samples (the nonzero eigenvalues of S_a S_b are the squared singular values of A B^T)."""
+    ca, cb = a - a.mean(0), b - b.mean(0)
+    tr_covmean = np.linalg.svd(ca @ cb.T, compute_uv=False).sum() / np.sqrt((len(a) - 1) * (len(b) - 1))
+    trace_a, trace_b = (ca**2).sum() / (len(a) - 1), (cb**2).sum() / (len(b) - 1)
+    return float(((a.mean(0) - b.mean(0)) ** 2).sum() + trace_a + trace_b - 2 * tr_covmean)
+
+
+def torch_fidelity_is(logits: np.ndarray, splits: int) -> tuple[float, float]:
+    """torch-fidelity's isc_features_to_metric, transcribed: numpy RandomState(2020) shuffle, parts cut at
+    i * N // splits, exp(E KL(p(y|x) || p(y))) per part, mean and population std."""
+    logits = logits[np.random.RandomState(2020).permutation(len(logits))].astype(np.float64)
+    n, scores = len(logits), []
+    for i in range(splits):
+        part = logits[i * n // splits : (i + 1) * n // splits]
+        p = np.exp(part - part.max(1, keepdims=True))
+        p /= p.sum(1, keepdims=True)
+        scores.append(np.exp((p * (np.log(p) - np.log(p.mean(0, keepdims=True)))).sum(1).mean()))
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+def published_jpeg(image: Image.Image, size: int, tmp: Path) -> np.ndarray:
+    """What the published scripts do, with real files: save JPEG, open, resize, save JPEG, open."""
+    image.save(tmp / "full.jpg")
+    Image.open(tmp / "full.jpg").resize((size, size)).save(tmp / "small.jpg")
+    return np.asarray(Image.open(tmp / "small.jpg").convert("RGB"))
 
 
 # -----------------------------------------------------------------------------
@@ -106,52 +113,49 @@ def test_fid_matches_scipy_and_is_zero_against_itself(tmp_path):
     fid = evaluate.frechet_distance(ref, torch.from_numpy(fake))
     expected = scipy_fid(real, fake)
     assert expected > 1.0
-    assert abs(fid - expected) / expected < 1e-6
-    assert abs(evaluate.frechet_distance(ref, torch.from_numpy(real))) < 1e-6
+    assert fid == pytest.approx(expected, rel=1e-9)
+    assert sample_space_fid(real, fake) == pytest.approx(expected, rel=1e-9)  # the two transcriptions agree
+    assert abs(evaluate.frechet_distance(ref, torch.from_numpy(real))) < 1e-9
     # a pytorch-fid style .npz (mu, sigma only, no n) gives the same value
     np.savez(tmp_path / "stats.npz", mu=ref["mu"], sigma=ref["sigma"])
     with np.load(tmp_path / "stats.npz") as f:
-        assert abs(evaluate.frechet_distance(dict(f), torch.from_numpy(fake)) - expected) / expected < 1e-6
+        assert evaluate.frechet_distance(dict(f), torch.from_numpy(fake)) == pytest.approx(expected, rel=1e-9)
 
 
-def direct_inception_score(logits: np.ndarray, splits: int, perm: np.ndarray) -> tuple[float, float]:
-    """exp(E_x KL(p(y|x) || p(y))) per split, mean and (unbiased) std over splits."""
-    logits = logits[perm]
-    scores = []
-    for part in np.array_split(logits, splits):
-        p = np.exp(part - part.max(1, keepdims=True))
-        p /= p.sum(1, keepdims=True)
-        py = p.mean(0, keepdims=True)
-        scores.append(np.exp((p * (np.log(p) - np.log(py))).sum(1).mean()))
-    return float(np.mean(scores)), float(np.std(scores, ddof=1)) if splits > 1 else float("nan")
+def test_fid_with_fewer_images_than_features():
+    # 2048-dim features from 14 and 6 images: both covariances are singular (what the tests' real Inception gives)
+    rng = np.random.default_rng(1)
+    real, fake = np.abs(rng.normal(size=(14, 2048))), np.abs(rng.normal(size=(6, 2048))) * 1.1
+    fid = evaluate.frechet_distance(evaluate.feature_stats(torch.from_numpy(real)), torch.from_numpy(fake))
+    assert fid == pytest.approx(sample_space_fid(real, fake), rel=1e-6)
 
 
-def test_inception_score_matches_direct_computation():
-    logits = torch.randn(200, 10, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 3
-    mean, _ = evaluate.inception_score(logits, splits=1)
-    assert mean == pytest.approx(direct_inception_score(logits.numpy(), 1, np.arange(200))[0], rel=1e-9)
-    assert 1.0 < mean < 10.0  # IS lies between 1 and the number of classes
-    # with splits, the shuffle is torch.randperm after manual_seed(0): reproduce it
-    torch.manual_seed(0)
-    perm = torch.randperm(200).numpy()
-    mean, std = evaluate.inception_score(logits, splits=5)
-    exp_mean, exp_std = direct_inception_score(logits.numpy(), 5, perm)
-    assert (mean, std) == (pytest.approx(exp_mean, rel=1e-9), pytest.approx(exp_std, rel=1e-9))
-    assert evaluate.inception_score(logits, splits=5) == (mean, std)  # reruns agree
+def test_inception_score_is_torch_fidelitys():
+    logits = torch.randn(203, 10, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 3
+    for splits in (1, 10, 7):
+        mean, std = evaluate.inception_score(logits, splits)
+        assert (mean, std) == pytest.approx(torch_fidelity_is(logits.numpy(), splits), rel=1e-9)
+        assert 1.0 < mean < 10.0  # IS lies between 1 and the number of classes
+    assert evaluate.inception_score(logits, 1)[1] == 0.0  # one split: population std 0, not nan
+    # 12 images in 10 splits: ten parts (sizes 1 and 2), not torch.chunk's six
+    mean, std = evaluate.inception_score(logits[:12], 10)
+    assert (mean, std) == pytest.approx(torch_fidelity_is(logits[:12].numpy(), 10), rel=1e-9)
 
 
 def test_clip_score_matches_direct_cosine():
     clip = tiny_clip()
     rng = np.random.default_rng(0)
-    images = [Image.fromarray(rng.integers(0, 256, (32, 48, 3), dtype=np.uint8)) for _ in range(3)]
-    texts = ["a red cat", "a photo of a tree in the snow", "blue"]
+    sizes = [(32, 48), (48, 32), (24, 24), (37, 29)]
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in sizes]
+    texts = ["a red cat", "a photo of a tree in the snow", "blue", "a boat"]
     got = clip(images, texts)
-    # independent path: crop by hand, run the towers, project, normalise, dot
+    # independent path, OpenCLIP's (torchvision Resize(24) then CenterCrop(24) on PIL images), written out
+    resized = [((24, 36), (0, 6)), ((36, 24), (6, 0)), ((24, 24), (0, 0)), ((30, 24), (3, 0))]  # (w, h), (left, top)
     model, tok = clip.model, clip.tokenizer
     pixels = []
-    for im in images:
-        im = im.resize((36, 24), Image.BICUBIC).crop((6, 0, 30, 24))  # shorter side 32 -> 24, center 24x24
-        x = (np.asarray(im, dtype=np.float32) / 255 - evaluate.OPENAI_CLIP_MEAN) / evaluate.OPENAI_CLIP_STD
+    for im, ((w, h), (left, top)) in zip(images, resized):
+        im = im.resize((w, h), Image.BICUBIC).crop((left, top, left + 24, top + 24))
+        x = (np.asarray(im, dtype=np.float32) / 255 - OPENAI_MEAN) / OPENAI_STD
         pixels.append(torch.from_numpy(x.astype(np.float32)).permute(2, 0, 1))
     with torch.no_grad():
         img = model.visual_projection(model.vision_model(pixel_values=torch.stack(pixels)).pooler_output)
@@ -162,52 +166,82 @@ def test_clip_score_matches_direct_cosine():
     assert got.abs().max() <= 1.0 and got.std() > 0
 
 
-def test_clip_loads_from_a_saved_folder(tmp_path):
-    clip = tiny_clip()
-    clip.model.save_pretrained(tmp_path / "clip")
-    clip.tokenizer.save_pretrained(tmp_path / "clip")
+def test_clip_folder_preprocessing_is_honoured(tmp_path):
     images = [Image.new("RGB", (32, 32), c) for c in ("red", "navy")]
     texts = ["a red cat", "a blue sky"]
-    loaded = evaluate.ClipScorer.load(str(tmp_path / "clip"), torch.device("cpu"))
-    assert loaded.image_size == 24
-    torch.testing.assert_close(loaded(images, texts), clip(images, texts))
-    # the folder's own normalisation wins over the OpenAI defaults
-    config = {"image_mean": [0.5] * 3, "image_std": [0.5] * 3}
-    (tmp_path / "clip" / "preprocessor_config.json").write_text(json.dumps(config))
-    assert not torch.allclose(
-        evaluate.ClipScorer.load(str(tmp_path / "clip"), torch.device("cpu"))(images, texts), clip(images, texts)
-    )
+    # a folder saved by this transformers (processor_config.json in transformers 5) with OpenAI's mean/std
+    default = evaluate.ClipScorer.load(str(make_tiny_clip(tmp_path / "default")), torch.device("cpu"))
+    assert (default.size, default.crop) == (24, 24)
+    torch.testing.assert_close(default(images, texts), tiny_clip()(images, texts))
+    # another normalisation in the folder is used, not replaced by OpenAI's
+    mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+    other = evaluate.ClipScorer.load(str(make_tiny_clip(tmp_path / "other", mean, std)), torch.device("cpu"))
+    expected = evaluate.ClipScorer(tiny_clip_model(), _tiny_tokenizer(), 24, 24, mean, std)(images, texts)
+    torch.testing.assert_close(other(images, texts), expected)
+    assert not torch.allclose(other(images, texts), default(images, texts))
+    # the older file name (preprocessor_config.json, flat) is read too
+    flat = json.loads((tmp_path / "other" / "processor_config.json").read_text()).get("image_processor")
+    if flat is not None:
+        (tmp_path / "other" / "processor_config.json").unlink()
+        (tmp_path / "other" / "preprocessor_config.json").write_text(json.dumps(flat))
+        legacy = evaluate.ClipScorer.load(str(tmp_path / "other"), torch.device("cpu"))
+        torch.testing.assert_close(legacy(images, texts), expected)
 
 
-def test_missing_weights_and_libraries_say_how_to_get_them(tmp_path):
+def test_missing_models_and_libraries_say_what_to_do(tmp_path):
     from huggingface_hub import try_to_load_from_cache
 
     if not isinstance(try_to_load_from_cache(evaluate.DEFAULT_CLIP, "config.json"), str):  # offline, not cached
         with pytest.raises(SystemExit, match="^error: cannot load CLIP model laion/.*hf download"):
             evaluate.ClipScorer.load(evaluate.DEFAULT_CLIP, torch.device("cpu"))
-    with pytest.raises(SystemExit, match="^error: --clip-model /nowhere: no such folder"):
+    with pytest.raises(SystemExit, match="^error: cannot load CLIP model /nowhere"):
         evaluate.ClipScorer.load("/nowhere", torch.device("cpu"))
-    try:
-        import torch_fidelity  # noqa: F401
-    except Exception:
-        with pytest.raises(SystemExit, match="^error: FID/IS need torch-fidelity .*pip install torch-fidelity"):
+    if importlib.util.find_spec("torchvision") is None:  # torch-fidelity fails at import (as here), or is missing
+        with pytest.raises(
+            SystemExit, match="^error: FID/IS need torch-fidelity .*--no-deps .*same build as your torch"
+        ):
             evaluate.load_inception(None)
-    else:
-        with pytest.raises(SystemExit, match="^error: --inception-weights .* not found"):
-            evaluate.load_inception(str(tmp_path / "missing.pth"))
 
 
 def test_prompt_files(tmp_path):
     (tmp_path / "p.txt").write_text("a cat\n\n  a dog  \n")
-    (tmp_path / "p.jsonl").write_text('{"caption": "a cat", "id": 1}\n\n{"caption": "a dog", "id": 2}\n')
     (tmp_path / "p.csv").write_text('id,prompt,caption\n1,"a cat, sitting",x\n2,a dog,y\n')
     assert evaluate.load_prompts(str(tmp_path / "p.txt")) == ["a cat", "a dog"]
-    assert evaluate.load_prompts(str(tmp_path / "p.jsonl")) == ["a cat", "a dog"]
     assert evaluate.load_prompts(str(tmp_path / "p.csv")) == ["x", "y"]  # caption before prompt
-    assert evaluate.load_prompts(str(tmp_path / "p.csv"), "prompt") == ["a cat, sitting", "a dog"]
     with pytest.raises(SystemExit, match="^error: .* has no column text, caption or prompt .*it has id"):
         (tmp_path / "q.csv").write_text("id,words\n1,a cat\n")
         evaluate.load_prompts(str(tmp_path / "q.csv"))
+
+
+def test_prompt_files_split_on_newlines_only(tmp_path):
+    # U+2028 and U+0085 occur inside web captions; str.splitlines() would shift every later prompt id
+    txt = tmp_path / "prompts.txt"
+    txt.write_text("a cat\u2028on a mat\r\nsecond\u0085prompt\n\nthird\n", encoding="utf-8")
+    assert evaluate.load_prompts(str(txt)) == ["a cat\u2028on a mat", "second\u0085prompt", "third"]
+
+
+# -----------------------------------------------------------------------------
+# the published image pipeline
+
+
+def test_images_go_through_the_published_jpeg_steps(tmp_path):
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).filter(ImageFilter.GaussianBlur(2))
+    evaluate.save_generated(image, tmp_path / "000000.jpg", 32, "jpg")
+    with Image.open(tmp_path / "000000.jpg") as im:
+        assert im.format == "JPEG" and im.size == (32, 32)
+        np.testing.assert_array_equal(np.asarray(im), published_jpeg(image, 32, tmp_path))
+    evaluate.save_generated(image, tmp_path / "000000.png", 32, "png")
+    with Image.open(tmp_path / "000000.png") as im:
+        assert im.format == "PNG"
+        np.testing.assert_array_equal(np.asarray(im), np.asarray(image.resize((32, 32), Image.BICUBIC)))
+    # real images: resized (no crop, any aspect), then one JPEG step; grayscale stays grayscale until the end
+    for mode, size in (("RGB", (40, 30)), ("L", (30, 50))):
+        real = image.convert(mode).resize(size)
+        real.save(tmp_path / "real.jpg")
+        got = np.asarray(evaluate.prepare_real(tmp_path / "real.jpg", 32, "jpg"))
+        Image.open(tmp_path / "real.jpg").resize((32, 32)).save(tmp_path / "real32.jpg")
+        np.testing.assert_array_equal(got, np.asarray(Image.open(tmp_path / "real32.jpg").convert("RGB")))
 
 
 # -----------------------------------------------------------------------------
@@ -225,108 +259,76 @@ def run(argv, **kw):
     return evaluate.main([str(a) for a in argv], **kw)
 
 
-def pixels(folder: Path) -> dict[str, np.ndarray]:
-    return {p.name: np.asarray(Image.open(p), dtype=np.int16) for p in sorted(folder.glob("*.png"))}
+def pixels(folder: Path, suffix="jpg") -> dict[str, np.ndarray]:
+    return {p.name: np.asarray(Image.open(p), dtype=np.int16) for p in sorted(folder.glob(f"*.{suffix}"))}
+
+
+def real_features(folder: Path, inception: nn.Module, size: int = 32) -> np.ndarray:
+    """The reference pipeline written out with files: open, resize, save JPEG, open; then the network."""
+    arrays = []
+    for path in sorted(folder.iterdir()):
+        Image.open(path).resize((size, size)).save(folder.parent / "tmp.jpg")
+        arrays.append(np.asarray(Image.open(folder.parent / "tmp.jpg").convert("RGB")))
+    with torch.no_grad():
+        return inception(torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2))[0].double().numpy()
 
 
 @pytest.mark.filterwarnings("ignore:Matrix is singular")  # 2-image subsets: rank-1 covariances
 def test_generate_resume_score_subsets(tiny_sd, tmp_path, prompt_file, capsys):
     ref = random_images(tmp_path / "real", 24)
+    cats_ref = random_images(tmp_path / "real_cats", 12, size=(40, 30), seed=5)
     (tmp_path / "cats.txt").write_text("a red cat\n")
     (tmp_path / "ids.txt").write_text("1\n2\n")
     out = tmp_path / "eval"
     inception, clip = TinyInception(), tiny_clip()
-    args = [
-        "--model",
-        tiny_sd,
-        "--prompts",
-        prompt_file,
-        "--out-dir",
-        out,
-        "--ref",
-        ref,
-        *GEN,
-        "--subset",
-        f"cats={tmp_path / 'cats.txt'}",
-        "--subset",
-        f"ids={tmp_path / 'ids.txt'}",
-        "--is-splits",
-        "2",
-    ]
-    run(args, inception=inception, clip=clip)
+    subsets = ["--subset", f"cats={tmp_path / 'cats.txt'}:{cats_ref}", "--subset", f"ids={tmp_path / 'ids.txt'}"]
+    args = ["--model", tiny_sd, "--prompts", prompt_file, "--out-dir", out, "--ref", ref, *GEN, *subsets]
+    run([*args, "--is-splits", "2"], inception=inception, clip=clip)
     images = pixels(out / "images")
-    assert list(images) == [f"{i:06d}.png" for i in range(6)]
+    assert list(images) == [f"{i:06d}.jpg" for i in range(6)]
     assert all(a.shape == (32, 32, 3) for a in images.values())
-    assert (images["000000.png"] != images["000005.png"]).any()  # same prompt, different seed
+    assert (images["000000.jpg"] != images["000005.jpg"]).any()  # same prompt, different seed
 
     report = json.loads((out / "metrics.json").read_text())
     m = report["metrics"]
     assert {k: v["n"] for k, v in m.items()} == {"all": 6, "cats": 2, "ids": 2}
-    assert report["protocol"]["generation"]["steps"] == 2 and report["protocol"]["image_size"] == [32, 32]
-    assert "torch" in report["versions"] and "raw cosine" in report["protocol"]["clip"]["scale"]
+    assert report["protocol"]["generation"]["steps"] == 2 and report["protocol"]["image_format"] == "jpg"
+    assert report["protocol"]["is"] == {"splits": 2, "shuffle_seed": 2020, "std": "population (ddof 0)"}
+    assert (m["all"]["fid_reference"], m["cats"]["fid_reference"], m["ids"]["fid_reference"]) == (
+        str(ref),
+        str(cats_ref),
+        str(ref),
+    )
     # every value equals the metric recomputed from features of exactly that subset's images
-    paths = [out / "images" / f"{i:06d}.png" for i in range(6)]
-    feats = evaluate.extract(paths, PROMPTS, inception, clip, 4, torch.device("cpu"), "test")
-    real = evaluate.extract(sorted(ref.iterdir()), None, inception, None, 4, torch.device("cpu"), "test")["pool"]
+    with torch.no_grad():
+        x = torch.from_numpy(np.stack([a.astype(np.uint8) for a in images.values()])).permute(0, 3, 1, 2)
+        pool, logits = (t.double().numpy() for t in inception(x))
+    cosines = tiny_clip()([Image.open(p) for p in sorted((out / "images").iterdir())], PROMPTS).numpy()
+    reals = {str(ref): real_features(ref, inception), str(cats_ref): real_features(cats_ref, inception)}
     for name, ids in {"all": range(6), "cats": [0, 5], "ids": [1, 2]}.items():
         ids = list(ids)
-        fid = scipy_fid(real.numpy(), feats["pool"][ids].numpy())
-        assert m[name]["fid"] == pytest.approx(fid, rel=1e-5)
-        assert m[name]["clip_score"] == pytest.approx(feats["clip"][ids].mean().item(), abs=1e-6)
-        assert m[name]["is_mean"] == pytest.approx(evaluate.inception_score(feats["logits"][ids], 2)[0], rel=1e-9)
-    assert m["cats"]["fid"] != m["ids"]["fid"]
-    table = capsys.readouterr().out
-    assert "cats" in table and f"{m['all']['clip_score']:.4f}" in table
+        assert m[name]["fid"] == pytest.approx(sample_space_fid(reals[m[name]["fid_reference"]], pool[ids]), rel=1e-6)
+        assert m[name]["clip_score"] == pytest.approx(cosines[ids].mean(), abs=1e-6)
+        assert (m[name]["is_mean"], m[name]["is_std"]) == pytest.approx(torch_fidelity_is(logits[ids], 2), rel=1e-9)
+    console = capsys.readouterr().out
+    assert "cats" in console and f"{m['all']['clip_score']:.4f}" in console
+    assert f"FID of ids against --ref {ref}, the reference of all prompts" in console
 
-    # resume: nothing regenerated; a deleted image comes back identical, even with another batch size
+    # resume: nothing regenerated but a deleted and a truncated image; both come back, even with another batch size
     stamps = {p: p.stat().st_mtime_ns for p in (out / "images").iterdir()}
-    (out / "images" / "000003.png").unlink()
+    (out / "images" / "000003.jpg").unlink()
+    data = (out / "images" / "000004.jpg").read_bytes()
+    (out / "images" / "000004.jpg").write_bytes(data[: len(data) // 2])
     run([*args, "--batch-size", "3", "--metrics", "none"])
-    assert "generating 1 of 6 images (5 already on disk)" in capsys.readouterr().out
-    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items() if p.name != "000003.png")
-    assert np.abs(pixels(out / "images")["000003.png"] - images["000003.png"]).max() <= 1
-    # a student UNet swapped into the pipeline (here the same UNet) makes the same images; --scheduler is recorded
-    run(
-        [
-            "--model",
-            tiny_sd,
-            "--unet",
-            tiny_sd,
-            "--prompts",
-            prompt_file,
-            "--num-prompts",
-            "2",
-            "--out-dir",
-            tmp_path / "swap",
-            *GEN,
-            "--metrics",
-            "none",
-        ]
-    )
-    swapped = pixels(tmp_path / "swap" / "images")
-    assert list(swapped) == ["000000.png", "000001.png"]
-    assert all(np.abs(swapped[k] - images[k]).max() <= 1 for k in swapped)
-    run(
-        [
-            "--model",
-            tiny_sd,
-            "--prompts",
-            prompt_file,
-            "--num-prompts",
-            "1",
-            "--out-dir",
-            tmp_path / "ddim",
-            *GEN,
-            "--scheduler",
-            "ddim",
-            "--metrics",
-            "none",
-        ]
-    )
-    assert json.loads((tmp_path / "ddim" / "generation.json").read_text())["settings"]["scheduler"] == "DDIMScheduler"
+    assert "generating 2 of 6 images (1 unreadable)" in capsys.readouterr().out
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items() if p.name not in ("000003.jpg", "000004.jpg"))
+    again = pixels(out / "images")
+    assert all(np.abs(again[k] - images[k]).max() <= 2 for k in ("000003.jpg", "000004.jpg"))
     # other settings, or other prompts for the same image ids, into the same folder are refused
     with pytest.raises(SystemExit, match="other settings .*steps"):
-        run([*args[:-2], "--steps", "3", "--metrics", "none"])
+        run([*args, "--steps", "3", "--metrics", "none"])
+    with pytest.raises(SystemExit, match="other settings .*image_format"):
+        run([*args, "--image-format", "png", "--metrics", "none"])
     (tmp_path / "other.txt").write_text("a red cat\na green horse\n")
     with pytest.raises(SystemExit, match="image 1 in .* was made for the prompt 'a blue dog', not 'a green horse'"):
         run(["--prompts", tmp_path / "other.txt", "--out-dir", out, "--metrics", "clip"], clip=clip)
@@ -334,51 +336,40 @@ def test_generate_resume_score_subsets(tiny_sd, tmp_path, prompt_file, capsys):
     run(["--prompts", prompt_file, "--num-prompts", "3", "--out-dir", out, "--metrics", "clip"], clip=clip)
     report = json.loads((out / "metrics.json").read_text())
     assert report["metrics"]["all"]["n"] == 3 and report["protocol"]["generation"]["steps"] == 2
+    # an unreadable image is never scored: without --model the run names it and says what to do
+    (out / "images" / "000001.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(SystemExit, match=r"^error: cannot read .*000001\.jpg .*run again with --model"):
+        run(["--prompts", prompt_file, "--out-dir", out, "--metrics", "clip"], clip=clip)
+    # lossless PNGs on request: same images, without the JPEG losses
+    png_args = ["--prompts", prompt_file, "--num-prompts", "2", "--out-dir", tmp_path / "png", "--image-format", "png"]
+    run(["--model", tiny_sd, *png_args, *GEN, "--metrics", "none"])
+    png = pixels(tmp_path / "png" / "images", "png")
+    assert list(png) == ["000000.png", "000001.png"]
+    assert 0 < np.abs(png["000000.png"] - images["000000.jpg"]).mean() < 40  # noise-like images: big JPEG losses
 
 
 def test_reference_stats_file_and_compare(tmp_path, capsys):
-    ref = random_images(tmp_path / "real", 24)
+    ref = random_images(tmp_path / "real", 24, size=(40, 30))
     fake = random_images(tmp_path / "eval" / "images", 6, seed=1)
     for i, p in enumerate(sorted(fake.iterdir())):
-        p.rename(fake / f"{i:06d}.png")
+        Image.open(p).save(fake / f"{i:06d}.jpg")
+        p.unlink()
     (tmp_path / "p.txt").write_text("\n".join(PROMPTS))
     inception = TinyInception()
-    run(["--ref", ref, "--save-ref-stats", tmp_path / "ref.npz"], inception=inception)
+    run(["--ref", ref, "--save-ref-stats", tmp_path / "ref.npz", "--resize", "32"], inception=inception)
     with np.load(tmp_path / "ref.npz") as f:
         assert f["mu"].shape == (8,) and f["sigma"].shape == (8, 8) and int(f["n"]) == 24
+        expected = real_features(ref, inception)
+        np.testing.assert_allclose(f["mu"], expected.mean(0), rtol=1e-6)
+        np.testing.assert_allclose(f["sigma"], np.cov(expected, rowvar=False), rtol=1e-6, atol=1e-12)
     # score existing images (no --model) against the folder, then against the saved statistics
     fids = []
     for i, r in enumerate([ref, tmp_path / "ref.npz"]):
-        run(
-            [
-                "--prompts",
-                tmp_path / "p.txt",
-                "--out-dir",
-                tmp_path / "eval",
-                "--ref",
-                r,
-                "--metrics",
-                "fid,is",
-                "--name",
-                f"model{i}",
-            ],
-            inception=inception,
-        )
+        argv = ["--prompts", tmp_path / "p.txt", "--out-dir", tmp_path / "eval", "--ref", r, "--resize", "32"]
+        run([*argv, "--metrics", "fid,is", "--is-splits", "3", "--name", f"model{i}"], inception=inception)
         (tmp_path / f"m{i}.json").write_bytes((tmp_path / "eval" / "metrics.json").read_bytes())
         fids.append(json.loads((tmp_path / f"m{i}.json").read_text())["metrics"]["all"]["fid"])
     assert fids[0] == pytest.approx(fids[1], rel=1e-9)
-    # --ref-resize: real images of any size, resized on the fly like images resized beforehand
-    mixed = random_images(tmp_path / "mixed", 12, size=(40, 30))
-    for p in random_images(tmp_path / "tall", 12, size=(20, 50), seed=3).iterdir():
-        p.rename(mixed / f"tall{p.name}")
-    resized = tmp_path / "resized"
-    resized.mkdir()
-    for p in mixed.iterdir():
-        Image.open(p).resize((32, 32), Image.BICUBIC).save(resized / p.name)
-    run(["--ref", mixed, "--ref-resize", "32", "--save-ref-stats", tmp_path / "a.npz"], inception=inception)
-    run(["--ref", resized, "--save-ref-stats", tmp_path / "b.npz"], inception=inception)
-    with np.load(tmp_path / "a.npz") as a, np.load(tmp_path / "b.npz") as b:
-        assert int(a["n"]) == 24 and np.allclose(a["sigma"], b["sigma"], rtol=0, atol=1e-12)
     capsys.readouterr()
     run(["--compare", tmp_path / "m0.json", tmp_path / "m1.json"])
     out = capsys.readouterr().out.splitlines()
@@ -388,7 +379,7 @@ def test_reference_stats_file_and_compare(tmp_path, capsys):
 
 
 # -----------------------------------------------------------------------------
-# bad input: one clear line, non-zero exit
+# bad input: one clear line, non-zero exit, nothing written
 
 
 def _write(path: Path, text: str) -> Path:
@@ -400,81 +391,90 @@ def test_bad_inputs(tiny_sd, tmp_path, prompt_file):
     inception = TinyInception()
     ref = random_images(tmp_path / "real", 24)
     (tmp_path / "empty.txt").write_text("\n\n")
-    small = random_images(tmp_path / "small", 5)
     mixed = random_images(tmp_path / "mixed", 24)
     Image.new("RGB", (40, 32)).save(mixed / "zzz.png")
+    broken = random_images(tmp_path / "broken", 3)
+    (broken / "zz.png").write_bytes(b"\x89PNG truncated")
     no_unet = tmp_path / "no_unet"
     no_unet.mkdir()
     (no_unet / "model_index.json").write_text("{}")
+    out = ["--out-dir", tmp_path / "o"]
+    two = _write(tmp_path / "two.txt", "0\n1\n")
     cases = {
-        "prompt file .* not found": ["--prompts", tmp_path / "nope.txt", "--out-dir", tmp_path / "o"],
-        "no prompts in": ["--prompts", tmp_path / "empty.txt", "--out-dir", tmp_path / "o"],
-        "5 images; a 8-dim covariance needs more than 8": ["--ref", small, "--save-ref-stats", tmp_path / "s.npz"],
-        "mixed sizes": ["--ref", mixed, "--save-ref-stats", tmp_path / "s.npz"],
-        "has no unet/ folder": [
-            "--model",
-            no_unet,
-            "--prompts",
-            prompt_file,
-            "--out-dir",
-            tmp_path / "o",
+        "prompt file .* not found": ["--prompts", tmp_path / "nope.txt", *out],
+        "no prompts in": ["--prompts", tmp_path / "empty.txt", *out],
+        "--num-prompts 0: give at least 1": ["--prompts", prompt_file, *out, "--num-prompts", "0"],
+        "--num-prompts -2: give at least 1": ["--prompts", prompt_file, *out, "--num-prompts", "-2"],
+        "mixed sizes": ["--ref", mixed, "--save-ref-stats", tmp_path / "s.npz", "--resize", "0"],
+        r"cannot read .*zz\.png .*remove it from the reference folder": [
             "--ref",
-            ref,
+            broken,
+            "--save-ref-stats",
+            tmp_path / "s.npz",
         ],
-        "no UNet config.json": [
-            "--model",
-            tiny_sd,
-            "--unet",
-            tmp_path,
+        "cannot read .* as a .npz": ["--prompts", prompt_file, *out, "--ref", prompt_file, "--metrics", "fid"],
+        "cannot load pipeline": ["--model", no_unet, "--prompts", prompt_file, *out, "--metrics", "none"],
+        "6 of 6 images .* missing": ["--prompts", prompt_file, "--out-dir", tmp_path / "o2", "--metrics", "clip"],
+        "unknown metric": ["--prompts", prompt_file, *out, "--metrics", "fid,kid"],
+        "FID needs --ref": ["--prompts", prompt_file, *out],
+        "IS in 10 splits needs as many images; set all has 6": ["--prompts", prompt_file, *out, "--metrics", "is"],
+        "IS in 3 splits .* set two has 2": [
             "--prompts",
             prompt_file,
-            "--out-dir",
-            tmp_path / "o",
+            *out,
             "--metrics",
-            "none",
+            "is",
+            "--is-splits",
+            "3",
+            "--subset",
+            f"two={two}",
         ],
-        "6 of 6 images missing": ["--prompts", prompt_file, "--out-dir", tmp_path / "o2", "--metrics", "is"],
-        "unknown metric": ["--prompts", prompt_file, "--out-dir", tmp_path / "o", "--metrics", "fid,kid"],
-        "FID needs --ref": ["--prompts", prompt_file, "--out-dir", tmp_path / "o"],
         "subset bad: prompt id 99 out of range": [
             "--prompts",
             prompt_file,
-            "--out-dir",
-            tmp_path / "o",
+            *out,
             "--subset",
             f"bad={_write(tmp_path / 'b.txt', '99')}",
         ],
         "texts are not among the prompts": [
             "--prompts",
             prompt_file,
-            "--out-dir",
-            tmp_path / "o",
+            *out,
             "--subset",
             f"bad={_write(tmp_path / 'c.txt', 'a green horse')}",
+        ],
+        "the name all is taken": ["--prompts", prompt_file, *out, "--subset", f"all={two}"],
+        "reference .*missing.npz not found": [
+            "--prompts",
+            prompt_file,
+            *out,
+            "--ref",
+            ref,
+            "--metrics",
+            "fid",
+            "--subset",
+            f"one={two}:{tmp_path / 'missing.npz'}",
         ],
     }
     for message, argv in cases.items():
         with pytest.raises(SystemExit, match="^error: .*" + message):
             run(argv, inception=inception)
+    assert not (tmp_path / "o").exists() and not (tmp_path / "s.npz").exists()
+    # --compare on files that are not metrics.json
+    for text in ("{not json", '{"name": "x"}', "[1, 2]"):
+        with pytest.raises(SystemExit, match="^error: cannot read .*bad.json as a metrics.json"):
+            run(["--compare", _write(tmp_path / "bad.json", text)])
 
 
 def test_cli_error_is_one_line(tmp_path):
     proc = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "evaluate.py"),
-            "--prompts",
-            str(tmp_path / "missing.csv"),
-            "--out-dir",
-            str(tmp_path),
-        ],
+        [sys.executable, str(ROOT / "evaluate.py"), "--prompts", str(tmp_path / "p.csv"), "--out-dir", str(tmp_path)],
         capture_output=True,
         text=True,
         cwd=tmp_path,
     )
     assert proc.returncode == 1
-    assert proc.stderr.strip().splitlines()[-1].startswith("error: prompt file")
-    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [f"error: prompt file {tmp_path / 'p.csv'} not found"]
     help_ = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--help"], capture_output=True, text=True)
     assert help_.returncode == 0 and "--subset" in help_.stdout and "torchrun" in help_.stdout
 
@@ -502,40 +502,13 @@ def test_one_and_two_processes_agree(tiny_sd, tmp_path, prompt_file):
     reports = []
     for nproc in (1, 2):
         out = tmp_path / f"eval{nproc}"
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc_per_node={nproc}",
-            str(driver),
-            "--model",
-            str(tiny_sd),
-            "--prompts",
-            str(prompt_file),
-            "--out-dir",
-            str(out),
-            "--ref",
-            str(ref),
-            *GEN,
-            "--is-splits",
-            "2",
-        ]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", driver]
+        cmd += ["--model", tiny_sd, "--prompts", prompt_file, "--out-dir", out, "--ref", ref, *GEN, "--is-splits", "2"]
+        proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, env=env, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
         reports.append(json.loads((out / "metrics.json").read_text())["metrics"]["all"])
     one, two = pixels(tmp_path / "eval1" / "images"), pixels(tmp_path / "eval2" / "images")
     assert list(one) == list(two) and len(one) == 6
-    assert max(np.abs(one[k] - two[k]).max() for k in one) <= 1
+    assert max(np.abs(one[k] - two[k]).max() for k in one) <= 2
     for key in ("fid", "is_mean", "clip_score"):
         assert reports[0][key] == pytest.approx(reports[1][key], rel=1e-3)
-
-
-def test_prompt_files_split_on_newlines_only(tmp_path):
-    # U+2028 and U+0085 occur inside web captions; str.splitlines() would shift every later prompt id
-    txt = tmp_path / "prompts.txt"
-    txt.write_text("a cat\u2028on a mat\r\nsecond\u0085prompt\n\nthird\n", encoding="utf-8")
-    assert evaluate.load_prompts(str(txt)) == ["a cat\u2028on a mat", "second\u0085prompt", "third"]
-    jsonl = tmp_path / "prompts.jsonl"
-    jsonl.write_text('{"text": "a cat\u2028on a mat"}\n{"text": "b"}\n', encoding="utf-8")
-    assert evaluate.load_prompts(str(jsonl)) == ["a cat\u2028on a mat", "b"]
