@@ -16,15 +16,23 @@ One node, 4 GPUs (total batch 256 = 64 per GPU x 4, as published):
 Two nodes of 8 GPUs (run on each node; HOST is node 0):
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 \
         --rdzv-id=rc train.py ...same flags...
+
+The file reads top to bottom: config and its checks, DDP, models, the latent cache, checkpoints,
+setup, the training step, the loop.
 """
 
 import argparse
 import contextlib
+import csv
 import datetime
+import hashlib
 import json
+import logging
 import math
 import os
+import secrets
 import shutil
+import socket
 import time
 from pathlib import Path
 
@@ -40,6 +48,27 @@ from randcond import SCHEDULES, FeatureDistiller, RandomConditioner, TextPool, o
 
 STUDENTS = ("bk_base", "bk_small", "bk_tiny", "c_base", "c_small", "c_tiny", "c_micro")
 C_WIDTHS = {"c_base": 256, "c_small": 224, "c_tiny": 192, "c_micro": 160}  # base width, SD's is 320
+# feature-KD layers of the official trainer: C-series (same names in teacher and student) and bk_tiny
+C_LAYERS = (
+    "up_blocks.0.upsamplers.0.conv",
+    "up_blocks.1.upsamplers.0.conv",
+    "up_blocks.2.upsamplers.0.conv",
+    "up_blocks.3.attentions.2.proj_out",
+    "mid_block.attentions.0.proj_out",
+    "down_blocks.0.downsamplers.0.conv",
+    "down_blocks.1.downsamplers.0.conv",
+    "down_blocks.2.downsamplers.0.conv",
+    "down_blocks.3.resnets.1.conv2",
+)
+BK_TINY_LAYERS = {  # student layer: teacher layer
+    "down_blocks.0": "down_blocks.0",
+    "down_blocks.1": "down_blocks.1",
+    "down_blocks.2.attentions.0.proj_out": "down_blocks.2.attentions.1.proj_out",
+    "up_blocks.0": "up_blocks.1",
+    "up_blocks.1": "up_blocks.2",
+    "up_blocks.2": "up_blocks.3",
+}
+LOGGED = ("loss", "loss_kd_out", "loss_kd_feat", "loss_task", "loss_rel", "rc_swap_rate")
 VALIDATION_PROMPTS = [
     "a photo of an astronaut riding a horse on mars",
     "a red sports car parked on a city street at night",
@@ -51,88 +80,139 @@ VALIDATION_PROMPTS = [
 # config: one flat block; defaults are the paper's (REFERENCE.md)
 
 
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # a bad flag ends like any other bad input: one line, exit status 1
+        fail(message)
+
+
+def number(kind, low, high=math.inf):
+    """An argparse type: kind(text), refused outside [low, high] (nan included) before any slow work."""
+
+    def convert(text: str):
+        value = kind(text)
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(
+                f"{text} is not " + (f"in [{low}, {high}]" if high < math.inf else f"at least {low}")
+            )
+        return value
+
+    convert.__name__ = kind.__name__  # argparse's "invalid int value: 'x'"
+    return convert
+
+
+COUNT, POSITIVE, WEIGHT, PROB = number(int, 0), number(int, 1), number(float, 0), number(float, 0, 1)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[1], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    p = Parser(description=__doc__.split("\n\n")[1], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    on_off = argparse.BooleanOptionalAction
     # models
-    p.add_argument(
-        "--teacher", default="CompVis/stable-diffusion-v1-4", help="diffusers SD v1.x/v2.x pipeline: hub id or folder"
-    )
-    p.add_argument(
-        "--student", default="bk_base", help=f"one of {', '.join(STUDENTS)}, or a path to a UNet config.json"
-    )
-    p.add_argument(
-        "--init",
-        choices=["teacher", "random"],
-        default=None,
-        help="student init; default: teacher weights for bk_*, random for c_* and configs",
-    )
+    p.add_argument("--teacher", default="CompVis/stable-diffusion-v1-4", help="diffusers SD pipeline: hub id or folder")
+    p.add_argument("--student", default="bk_base", help=f"one of {', '.join(STUDENTS)}, or a UNet config.json")
+    p.add_argument("--init", choices=["teacher", "random"], help="default: teacher for bk_*, random otherwise")
     # paired data: a latent cache, built from prompts (image-free) or from captioned images when missing
     p.add_argument("--data", required=True, help="latent cache folder (built here when it has no meta.json)")
-    p.add_argument("--prompts", default=None, help="text file, one prompt a line: the teacher generates the latents")
-    p.add_argument(
-        "--images", default=None, help="folder of images with metadata.jsonl or metadata.csv (file_name,text)"
-    )
-    p.add_argument("--shard-size", type=int, default=4096, help="samples per cache shard file")
-    p.add_argument("--gen-steps", type=int, default=25, help="teacher sampling steps for --prompts")
-    p.add_argument("--gen-guidance", type=float, default=7.5, help="classifier-free guidance for --prompts")
+    p.add_argument("--prompts", help="text file, one prompt a line: the teacher generates the latents")
+    p.add_argument("--images", help="folder of images with metadata.jsonl or metadata.csv (file_name,text)")
+    p.add_argument("--shard-size", type=POSITIVE, default=4096, help="samples per cache shard file")
+    p.add_argument("--gen-steps", type=POSITIVE, default=25, help="teacher sampling steps for --prompts")
+    p.add_argument("--gen-guidance", type=WEIGHT, default=7.5, help="classifier-free guidance for --prompts")
     # random conditioning
-    p.add_argument(
-        "--text-pool",
-        nargs="+",
-        default=[],
-        help="extra prompt files for the pool (the paired captions are always in it)",
-    )
-    p.add_argument(
-        "--random-conditioning",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="swap captions for pool prompts with probability p(t); off: plain distillation",
-    )
+    p.add_argument("--text-pool", nargs="+", default=[], help="prompt files added to the pool of paired captions")
+    p.add_argument("--random-conditioning", action=on_off, default=True, help="off: plain distillation")
     p.add_argument("--rc-schedule", choices=SCHEDULES, default="exp", help="p(t) schedule")
-    p.add_argument("--rc-lambda", type=float, default=5.0, help="lambda in p(t) = exp(-lambda (1 - t/T))")
-    p.add_argument("--null-prob", type=float, default=0.1, help="probability of the empty caption (for CFG)")
+    p.add_argument("--rc-lambda", type=WEIGHT, default=5.0, help="lambda in p(t) = exp(-lambda (1 - t/T))")
+    p.add_argument("--null-prob", type=PROB, default=0.1, help="probability of the empty caption (for CFG)")
     # optimisation
-    p.add_argument("--resolution", type=int, default=None, help="training resolution in pixels; default: the teacher's")
-    p.add_argument("--max-steps", type=int, default=50_000, help="optimizer steps (0: build the cache and stop)")
-    p.add_argument("--batch-size", type=int, default=64, help="per device, per micro-step")
-    p.add_argument("--total-batch-size", type=int, default=256, help="samples per optimizer step over all devices")
-    p.add_argument("--lr", type=float, default=5e-5)
-    p.add_argument("--warmup-steps", type=int, default=0, help="linear lr warm-up, then constant")
-    p.add_argument("--weight-decay", type=float, default=1e-2)
-    p.add_argument("--max-grad-norm", type=float, default=1.0)
-    p.add_argument("--lambda-out", type=float, default=1.0, help="output KD weight")
-    p.add_argument("--lambda-feat", type=float, default=1.0, help="feature KD weight")
-    p.add_argument("--lambda-task", type=float, default=0.0, help="denoising loss weight, paired samples only")
-    p.add_argument("--lambda-rel", type=float, default=0.0, help="relational KD weight (RDD)")
-    p.add_argument(
-        "--mixed-precision",
-        choices=["no", "fp16", "bf16"],
-        default="fp16",
-        help="autocast dtype on CUDA (the paper: fp16; bf16 needs no loss scaling); CPU runs fp32",
-    )
-    p.add_argument(
-        "--gradient-checkpointing",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="recompute student activations in backward: less memory, about a third more compute",
-    )
-    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="keep an EMA of the student")
-    p.add_argument("--ema-decay", type=float, default=0.9999)
+    p.add_argument("--resolution", type=POSITIVE, help="training resolution in pixels; default: the teacher's")
+    p.add_argument("--max-steps", type=COUNT, default=50_000, help="optimizer steps (0: build the cache and stop)")
+    p.add_argument("--batch-size", type=POSITIVE, default=64, help="per device, per micro-step")
+    p.add_argument("--total-batch-size", type=POSITIVE, default=256, help="samples per optimizer step, all devices")
+    p.add_argument("--lr", type=WEIGHT, default=5e-5, help="AdamW learning rate, constant after the warm-up")
+    p.add_argument("--warmup-steps", type=COUNT, default=0, help="linear lr warm-up steps")
+    p.add_argument("--weight-decay", type=WEIGHT, default=1e-2, help="AdamW weight decay")
+    p.add_argument("--max-grad-norm", type=WEIGHT, default=1.0, help="gradient clipping of the student UNet")
+    p.add_argument("--lambda-out", type=WEIGHT, default=1.0, help="output KD weight")
+    p.add_argument("--lambda-feat", type=WEIGHT, default=1.0, help="feature KD weight")
+    p.add_argument("--lambda-task", type=WEIGHT, default=0.0, help="denoising loss weight, paired samples only")
+    p.add_argument("--lambda-rel", type=WEIGHT, default=0.0, help="relational KD weight (RDD)")
+    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="fp16", help="autocast on CUDA")
+    p.add_argument("--gradient-checkpointing", action=on_off, default=True, help="less memory, ~1/3 more compute")
+    p.add_argument("--ema", action=on_off, default=True, help="keep an EMA of the student (exported in unet/)")
+    p.add_argument("--ema-decay", type=PROB, default=0.9999, help="EMA decay, with diffusers' warm-up")
     p.add_argument("--compile", action="store_true", help="torch.compile the resnet and transformer blocks")
     # output
-    p.add_argument("--output-dir", required=True)
-    p.add_argument("--checkpoint-every", type=int, default=1000)
-    p.add_argument("--keep-checkpoints", type=int, default=2, help="how many of the latest checkpoints to keep")
-    p.add_argument(
-        "--resume", nargs="?", const="latest", default=None, help="'latest' in --output-dir, or a checkpoint file"
-    )
-    p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--log-every", type=int, default=10, help="steps between log lines (and NaN checks)")
-    p.add_argument("--validate-every", type=int, default=1000, help="steps between validation grids (0: never)")
-    p.add_argument("--validation-steps", type=int, default=25)
+    p.add_argument("--output-dir", required=True, help="pipeline, checkpoints/, log.jsonl, samples/")
+    p.add_argument("--checkpoint-every", type=POSITIVE, default=1000, help="steps between checkpoints")
+    p.add_argument("--keep-checkpoints", type=POSITIVE, default=2, help="how many of the latest checkpoints to keep")
+    p.add_argument("--resume", nargs="?", const="latest", help="'latest' in --output-dir, or a checkpoint file")
+    p.add_argument("--seed", type=COUNT, default=1234, help="seeds the student init, the data order and every draw")
+    p.add_argument("--log-every", type=POSITIVE, default=10, help="steps between log lines (and NaN checks)")
+    p.add_argument("--validate-every", type=COUNT, default=1000, help="steps between validation grids (0: never)")
+    p.add_argument("--validation-steps", type=POSITIVE, default=25, help="sampling steps of the validation grid")
     return p.parse_args(argv)
+
+
+def fail(message: str):
+    """Bad input or damaged state: one line, exit status 1, no traceback."""
+    raise SystemExit(f"error: {message}")
+
+
+def check_args(args, world_size: int) -> int:
+    """The checks that need more than one flag, before any slow work. Returns the gradient accumulation."""
+    if args.total_batch_size % (args.batch_size * world_size):
+        fail(
+            f"--total-batch-size {args.total_batch_size} is not a multiple of --batch-size "
+            f"{args.batch_size} x {world_size} processes; change one of them"
+        )
+    if args.student not in STUDENTS and not Path(args.student).exists():
+        fail(f"unknown --student {args.student!r}; use one of {', '.join(STUDENTS)} or a path to a UNet config.json")
+    try:  # each pool file on its own, now: an empty or wrong one would otherwise surface after the cache build
+        for f in args.text_pool:
+            TextPool(Path(f))
+    except (OSError, ValueError) as e:
+        fail(f"--text-pool: {e}")
+    writable(Path(args.output_dir), "--output-dir")
+    return args.total_batch_size // (args.batch_size * world_size)
+
+
+def writable(folder: Path, flag: str) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test.{unique_suffix()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        fail(f"{flag} {folder} is not a writable folder ({e.strerror or e}); choose another")
+
+
+def unique_suffix() -> str:
+    """Host, pid and a random part: ranks, and containers sharing a filesystem, never pick the same name."""
+    return f"{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(4)}"
+
+
+SEEN = set()
+HIDDEN = ("truncated because CLIP", "Token indices sequence length", "requires torchvision", "kept in float32")
+
+
+def once(record: logging.LogRecord) -> bool:
+    """A logging filter: each library message at most once, and none the user cannot act on (captions
+    over 77 tokens are cut as in SD's own training; a warning per batch would say nothing new)."""
+    message = record.getMessage()
+    show = message not in SEEN and not any(h in message for h in HIDDEN)
+    SEEN.add(message)
+    return show
+
+
+def quiet_libraries() -> None:
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+    for name in ("diffusers", "transformers"):
+        for handler in logging.getLogger(name).handlers:
+            handler.addFilter(once)
 
 
 # -----------------------------------------------------------------------------
@@ -163,48 +243,30 @@ def print0(*args, **kwargs) -> None:
 # teacher and students
 
 
-def load_teacher(name: str, dtype: torch.dtype, device: torch.device):
-    """Frozen teacher parts: (unet, vae, text_encoder, tokenizer, noise_scheduler)."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    parts = {}
-    for part, cls in [
-        ("unet", UNet2DConditionModel),
-        ("vae", AutoencoderKL),
-        ("text_encoder", CLIPTextModel),
-        ("tokenizer", CLIPTokenizer),
-        ("scheduler", DDPMScheduler),
-    ]:
-        kwargs = {"torch_dtype": dtype} if part in ("unet", "vae", "text_encoder") else {}
-        try:
-            parts[part] = cls.from_pretrained(name, subfolder=part, **kwargs)
-        except (OSError, ValueError) as e:
-            raise SystemExit(
-                f"error: --teacher {name} has no loadable {part} (expected a diffusers Stable Diffusion "
-                f"pipeline: unet, vae, text_encoder, tokenizer, scheduler): {str(e).splitlines()[0]}"
-            )
-    unet, vae, text_encoder, tokenizer, noise_scheduler = parts.values()
-    for m in (unet, vae, text_encoder):
-        m.requires_grad_(False).eval().to(device)
-    return unet, vae, text_encoder, tokenizer, noise_scheduler
-
-
-def pipeline_with(unet, teacher_parts, teacher: str):
-    """A stock pipeline around any UNet: PNDM sampling as in the paper's evaluation, no safety checker."""
+def load_models(teacher: str, student: str, init: str | None, dtype: torch.dtype, device: torch.device):
+    """(teacher pipeline, student UNet in fp32, {student layer: teacher layer} for feature KD).
+    The student is copied from the teacher's full-precision weights; only then is the frozen teacher
+    cast to dtype (BK-SDM does the same: a copy of cast weights would start the student rounded)."""
     from diffusers import PNDMScheduler, StableDiffusionPipeline
 
-    _, vae, text_encoder, tokenizer, _ = teacher_parts
-    return StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=PNDMScheduler.from_pretrained(teacher, subfolder="scheduler"),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            teacher,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+    except (OSError, ValueError, TypeError) as e:
+        fail(
+            f"--teacher {teacher} is not a loadable diffusers Stable Diffusion pipeline (unet, vae, text_encoder, "
+            f"tokenizer, scheduler): {str(e).strip().splitlines()[0]}"
+        )
+    pipe.scheduler = PNDMScheduler.from_config(pipe.scheduler.config)  # the paper's sampler, for cache and grids
+    pipe.set_progress_bar_config(disable=True)
+    unet, layers = build_student(pipe.unet, student, init)
+    for m in (pipe.unet, pipe.vae, pipe.text_encoder):
+        m.requires_grad_(False).eval().to(device, dtype)
+    return pipe, unet.to(device), layers
 
 
 PER_BLOCK_KEYS = (
@@ -259,26 +321,19 @@ def teacher_name(student_param: str, student: str) -> str:
 
 
 def build_student(teacher_unet: nn.Module, spec: str, init: str | None):
-    """(student UNet in fp32 on the teacher's device, {student layer: teacher layer} for feature KD)."""
+    """(student UNet in fp32, {student layer: teacher layer} for feature KD)."""
     from diffusers import UNet2DConditionModel
 
     if spec in STUDENTS:
         cfg = student_config(teacher_unet.config, spec)
-    elif Path(spec).is_file():
-        cfg = json.loads(Path(spec).read_text())
-    elif Path(spec, "config.json").is_file():
-        cfg = json.loads(Path(spec, "config.json").read_text())
     else:
-        raise SystemExit(
-            f"error: unknown --student {spec!r}; use one of {', '.join(STUDENTS)} or a path to a UNet config.json"
-        )
+        path = Path(spec) if Path(spec).is_file() else Path(spec, "config.json")
+        cfg = json.loads(path.read_text())
     init = init or ("teacher" if spec.startswith("bk_") else "random")
     student = UNet2DConditionModel.from_config(cfg)
     if init == "teacher":
-        if spec.startswith("c_"):
-            raise SystemExit(
-                f"error: --student {spec} is narrower than the teacher and cannot copy its weights; use --init random"
-            )
+        if spec in C_WIDTHS:
+            fail(f"--student {spec} is narrower than the teacher and cannot copy its weights; use --init random")
         t_state = teacher_unet.state_dict()
         state, missing = {}, []
         for k, v in student.state_dict().items():
@@ -292,22 +347,16 @@ def build_student(teacher_unet: nn.Module, spec: str, init: str | None):
         student.load_state_dict(state, strict=False)
         if missing:
             print0(f"teacher init: {len(state)} tensors copied by name, {len(missing)} left random")
-    # feature KD layers: stage outputs, as published; bk_tiny pairs its shorter paths as BK-SDM does
     if spec == "bk_tiny":
-        layers = {
-            "down_blocks.0": "down_blocks.0",
-            "down_blocks.1": "down_blocks.1",
-            "down_blocks.2.attentions.0.proj_out": "down_blocks.2.attentions.1.proj_out",
-            "up_blocks.0": "up_blocks.1",
-            "up_blocks.1": "up_blocks.2",
-            "up_blocks.2": "up_blocks.3",
-        }
-    else:
+        layers = BK_TINY_LAYERS
+    elif spec in C_WIDTHS:
+        layers = {name: name for name in C_LAYERS}
+    else:  # stage outputs, as published for bk_base / bk_small
         n_down = min(len(student.down_blocks), len(teacher_unet.down_blocks))
         n_up = min(len(student.up_blocks), len(teacher_unet.up_blocks))
         layers = {f"down_blocks.{i}": f"down_blocks.{i}" for i in range(n_down)}
         layers |= {f"up_blocks.{i}": f"up_blocks.{i}" for i in range(n_up)}
-    return student.to(teacher_unet.device), layers
+    return student, layers
 
 
 class Student(nn.Module):
@@ -322,7 +371,7 @@ class Student(nn.Module):
         model_pred = self.unet(noisy_latents, timesteps, encoder_hidden_states).sample  # (B, 4, h, w)
         loss_rel = loss_kd_feat = model_pred.new_zeros((), dtype=torch.float32)
         if self.rel:  # before loss(), which clears the stored activations
-            loss_rel = relational_kd_loss(*self.distiller.features())
+            loss_rel = relational_kd_loss(*self.distiller.features())  # (student, teacher) lists
         if self.feat:
             loss_kd_feat = self.distiller.loss()
         elif self.distiller is not None:
@@ -338,43 +387,82 @@ def n_params(m: nn.Module) -> str:
 # paired data: latents in a few large .npy shards (memory-mapped) + captions, built when missing
 
 
-def read_lines(path: str) -> list[str]:
-    if not Path(path).is_file():
-        raise SystemExit(f"error: --prompts file not found: {path}")
-    lines = [line.strip() for line in Path(path).read_text(encoding="utf-8").split("\n") if line.strip()]
+def read_lines(path: str, flag: str = "--prompts") -> list[str]:
+    """Non-blank lines, split on newlines only (U+2028 inside a web caption is not a line break)."""
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as e:
+        fail(f"{flag} {path}: {e.strerror or e}")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        fail(f"{flag} {path}: line {line} is not UTF-8; convert the file (e.g. iconv -t UTF-8)")
+    lines = [line.strip() for line in text.split("\n") if line.strip()]
     if not lines:
-        raise SystemExit(f"error: --prompts {path} has no prompt (one per line)")
+        fail(f"{flag} {path} has no prompt (one per line)")
     return lines
 
 
 def read_image_captions(folder: str) -> list[tuple[str, str]]:
-    import csv
-
+    """[(file name relative to folder, caption)] from metadata.jsonl or metadata.csv (file_name,text)."""
     root = Path(folder)
-    if (root / "metadata.jsonl").is_file():
-        rows = [
-            json.loads(line)
-            for line in (root / "metadata.jsonl").read_text(encoding="utf-8").split("\n")
-            if line.strip()
-        ]
-    elif (root / "metadata.csv").is_file():
-        with open(root / "metadata.csv", newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
-    else:
-        raise SystemExit(f"error: --images {folder} needs metadata.jsonl or metadata.csv with file_name,text")
-    items = [(str(root / r["file_name"]), r["text"]) for r in rows]
+    try:
+        if (root / "metadata.jsonl").is_file():
+            lines = (root / "metadata.jsonl").read_text(encoding="utf-8").split("\n")
+            rows = [(n, line) for n, line in enumerate(lines, 1) if line.strip()]
+        elif (root / "metadata.csv").is_file():
+            with open(root / "metadata.csv", newline="", encoding="utf-8") as f:
+                rows = list(enumerate(csv.DictReader(f), 2))  # line 1 is the header
+        else:
+            fail(f"--images {folder} needs metadata.jsonl or metadata.csv with file_name,text")
+    except (OSError, ValueError) as e:  # UnicodeDecodeError is a ValueError
+        fail(f"--images {folder}: cannot read its metadata ({e})")
+    items = []
+    for n, row in rows:
+        try:
+            row = json.loads(row) if isinstance(row, str) else row
+            if not (isinstance(row["file_name"], str) and isinstance(row["text"], str)):
+                raise TypeError
+        except (ValueError, KeyError, TypeError):
+            fail(f"--images {folder}: metadata line {n} is not a record with a file_name and a text")
+        items.append((row["file_name"], row["text"]))
     if not items:
-        raise SystemExit(f"error: --images {folder}: the metadata lists no image")
-    missing = [f for f, _ in items if not Path(f).is_file()]
+        fail(f"--images {folder}: the metadata lists no image")
+    missing = [f for f, _ in items if not (root / f).is_file()]
     if missing:
-        raise SystemExit(f"error: --images: {len(missing)} listed images are missing, e.g. {missing[0]}")
+        fail(f"--images: {len(missing)} listed images are missing, e.g. {root / missing[0]}")
     return items
+
+
+def cache_source(args) -> tuple[str, list] | None:
+    """("prompts" or "images", the list) named on the command line, read and checked before slow work."""
+    data, built = Path(args.data), (Path(args.data) / "meta.json").is_file()
+    if args.prompts and args.images:
+        fail("pass --prompts or --images, not both")
+    if not (args.prompts or args.images or built):
+        fail(f"{data} holds no latent cache (meta.json); pass --prompts FILE or --images DIR to build it")
+    source = ("prompts", read_lines(args.prompts)) if args.prompts else None
+    source = ("images", read_image_captions(args.images)) if args.images else source
+    if not built:
+        writable(data, "--data")
+    return source
+
+
+def recipe(args, kind: str, items: list, resolution: int) -> dict:
+    """What the cached latents are a function of; meta.json records it."""
+    digest = hashlib.sha256(json.dumps(items).encode()).hexdigest()
+    made = {"source": kind, "list_sha256": digest, "teacher": args.teacher, "resolution": resolution}
+    made["shard_size"] = args.shard_size
+    if kind == "prompts":
+        made |= {"gen_steps": args.gen_steps, "gen_guidance": args.gen_guidance, "seed": args.seed}
+    return made
 
 
 def atomic_save(path: Path, write) -> None:
     """write(tmp_path), flush it to disk, then rename over path: a crash leaves the old file or the
     new one, never half of one."""
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{unique_suffix()}.tmp")
     write(tmp)
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
@@ -387,13 +475,11 @@ def save_npy(path: Path, array: np.ndarray) -> None:
 
 
 @torch.no_grad()
-def encode_shard(items, kind, teacher_parts, args, resolution, dtype, device, start: int) -> np.ndarray:
+def encode_shard(items, kind, pipe, args, resolution, start: int) -> np.ndarray:
     """Latents (n, 4, h, w) float16 for one shard: teacher samples for prompts, VAE means for images."""
     from PIL import Image
 
-    vae, out = teacher_parts[1], []
-    pipe = pipeline_with(teacher_parts[0], teacher_parts, args.teacher)
-    pipe.set_progress_bar_config(disable=True)
+    device, dtype, out = pipe.unet.device, pipe.unet.dtype, []
     for i in range(0, len(items), args.batch_size):
         batch = items[i : i + args.batch_size]
         if kind == "prompts":
@@ -411,56 +497,66 @@ def encode_shard(items, kind, teacher_parts, args, resolution, dtype, device, st
         else:
             pixels = []
             for file, _ in batch:
-                img = Image.open(file).convert("RGB")
+                img = Image.open(Path(args.images) / file).convert("RGB")
                 s = min(img.size)  # center crop to a square, then resize
                 left, top = (img.width - s) // 2, (img.height - s) // 2
                 img = img.crop((left, top, left + s, top + s)).resize((resolution, resolution), Image.BICUBIC)
                 pixels.append(torch.from_numpy(np.array(img)).permute(2, 0, 1))  # (3, H, W) uint8
             x = torch.stack(pixels).to(device, dtype) / 127.5 - 1  # (B, 3, H, W) in [-1, 1]
             # the posterior mean: its std is tiny for SD's VAE, and a cache should not freeze one noise draw
-            latents = vae.encode(x).latent_dist.mean * vae.config.scaling_factor
+            latents = pipe.vae.encode(x).latent_dist.mean * pipe.vae.config.scaling_factor
         out.append(latents.float().cpu().numpy().astype(np.float16))
     return np.concatenate(out)
 
 
-def build_cache(args, teacher_parts, resolution, latent_shape, dtype, device, ddp, rank, world_size) -> None:
+def open_cache(args, source, pipe, resolution, latent_shape, ddp, rank, world_size) -> "LatentCache":
+    """Refuse a cache made from another list, build it when missing, open it."""
+    data = Path(args.data)
+    if source is not None:
+        made = recipe(args, *source, resolution)
+        done = (data / "meta.json").is_file()
+        record = data / ("meta.json" if done else "build.json")  # build.json: written when a build starts
+        have = json.loads(record.read_text()) if record.is_file() else made
+        differ = [k for k, v in made.items() if k != "source" and have.get(k) != v]
+        if differ:
+            flags = ", ".join("--prompts/--images list" if k == "list_sha256" else f"--{k}" for k in differ)
+            todo = "drop --prompts/--images to train on it as it is" if done else "delete it"
+            fail(f"cache {data} was made with a different {flags.replace('_', '-')}; {todo}, or use a new --data")
+        if not done:
+            build_cache(args, source, made, pipe, resolution, latent_shape, ddp, rank, world_size)
+    cache = LatentCache(data)
+    if tuple(cache.meta["latent_shape"]) != latent_shape:
+        fail(
+            f"cache {data} holds latents of shape {tuple(cache.meta['latent_shape'])}, the teacher at "
+            f"{resolution}px needs {latent_shape}; set --resolution {cache.meta['resolution']} or use a new --data"
+        )
+    print0(f"paired data: {len(cache)} cached latents {latent_shape} from {cache.meta['source']}")
+    return cache
+
+
+def build_cache(args, source, made, pipe, resolution, latent_shape, ddp, rank, world_size) -> None:
     """Fill args.data with shards latents-XXXXX.npy + captions-XXXXX.json, split across ranks by shard.
     Finished shards are kept, so an interrupted build resumes; meta.json is written last."""
-    data = Path(args.data)
-    if args.prompts and args.images:
-        raise SystemExit("error: pass --prompts or --images, not both")
-    if not (args.prompts or args.images):
-        raise SystemExit(
-            f"error: {data} holds no latent cache (meta.json); pass --prompts FILE or --images DIR to build it"
-        )
-    kind = "prompts" if args.prompts else "images"
-    items = read_lines(args.prompts) if args.prompts else read_image_captions(args.images)
+    data, (kind, items) = Path(args.data), source
     captions = items if kind == "prompts" else [c for _, c in items]
-    data.mkdir(parents=True, exist_ok=True)
+    if rank == 0 and not (data / "build.json").is_file():
+        atomic_save(data / "build.json", lambda p: p.write_text(json.dumps(made, indent=1)))
     n_shards = math.ceil(len(items) / args.shard_size)
     mine = [k for k in range(rank, n_shards, world_size) if not (data / f"latents-{k:05d}.npy").is_file()]
     print0(f"latent cache: {len(items)} {kind}, {n_shards} shards, {len(mine)} to build on rank 0")
     for k in tqdm(mine, desc="cache", disable=rank != 0):
         lo, hi = k * args.shard_size, min(len(items), (k + 1) * args.shard_size)
-        latents = encode_shard(items[lo:hi], kind, teacher_parts, args, resolution, dtype, device, lo)
-        atomic_save(data / f"captions-{k:05d}.json", lambda p: p.write_text(json.dumps(captions[lo:hi])))
-        atomic_save(data / f"latents-{k:05d}.npy", lambda p: save_npy(p, latents))
+        latents = encode_shard(items[lo:hi], kind, pipe, args, resolution, lo)
+        shard = json.dumps(captions[lo:hi])
+        atomic_save(data / f"captions-{k:05d}.json", lambda p, shard=shard: p.write_text(shard))
+        atomic_save(data / f"latents-{k:05d}.npy", lambda p, latents=latents: save_npy(p, latents))
     if ddp:
         dist.barrier()  # every shard is on disk
     if rank == 0:
         # the paired captions join the text pool as published: one per line, newlines flattened
-        atomic_save(
-            data / "captions.txt",
-            lambda p: p.write_text("".join(" ".join(c.split()) + "\n" for c in captions), encoding="utf-8"),
-        )
-        meta = {
-            "num_samples": len(items),
-            "num_shards": n_shards,
-            "latent_shape": list(latent_shape),
-            "source": kind,
-            "teacher": args.teacher,
-            "resolution": resolution,
-        }
+        lines = "".join(" ".join(c.split()) + "\n" for c in captions)
+        atomic_save(data / "captions.txt", lambda p: p.write_text(lines, encoding="utf-8"))
+        meta = {**made, "num_samples": len(items), "num_shards": n_shards, "latent_shape": list(latent_shape)}
         atomic_save(data / "meta.json", lambda p: p.write_text(json.dumps(meta, indent=1)))
     if ddp:
         dist.barrier()
@@ -470,14 +566,27 @@ class LatentCache:
     """Memory-mapped latents and their captions; a batch is one fancy-indexed read per shard."""
 
     def __init__(self, data: Path):
-        self.meta = json.loads((data / "meta.json").read_text())
-        self.latents = [np.load(data / f"latents-{k:05d}.npy", mmap_mode="r") for k in range(self.meta["num_shards"])]
-        self.captions = [
-            c for k in range(self.meta["num_shards"]) for c in json.loads((data / f"captions-{k:05d}.json").read_text())
-        ]
+        try:
+            self.meta = json.loads((data / "meta.json").read_text())
+        except (OSError, ValueError) as e:
+            fail(f"cache {data}: meta.json is unreadable ({e}); delete it and rerun with --prompts/--images")
+        self.latents, self.captions = [], []
+        for k in range(self.meta["num_shards"]):
+            try:
+                latents = np.load(data / f"latents-{k:05d}.npy", mmap_mode="r")
+                captions = json.loads((data / f"captions-{k:05d}.json").read_text())
+                if len(latents) != len(captions):
+                    raise ValueError(f"{len(latents)} latents for {len(captions)} captions")
+            except (OSError, ValueError) as e:
+                fail(
+                    f"cache {data}: shard {k} is missing or damaged ({str(e).splitlines()[0]}); delete "
+                    f"latents-{k:05d}.npy and meta.json, then rerun with the same --prompts/--images to rebuild it"
+                )
+            self.latents.append(latents)
+            self.captions += captions
         self.starts = np.cumsum([0] + [len(x) for x in self.latents])
-        if self.starts[-1] != len(self.captions) or len(self.captions) == 0:
-            raise SystemExit(f"error: latent cache {data} is empty or inconsistent; delete it and rebuild")
+        if self.starts[-1] != self.meta["num_samples"] or len(self.captions) == 0:
+            fail(f"cache {data} is empty or inconsistent with its meta.json; delete it and rebuild")
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -501,9 +610,7 @@ class ShardedSampler:
         self.per_rank = n // world_size
         self.batches_per_epoch = self.per_rank // batch_size
         if self.batches_per_epoch == 0:
-            raise SystemExit(
-                f"error: the cache holds {n} samples, fewer than {world_size} ranks x --batch-size {batch_size}"
-            )
+            fail(f"the cache holds {n} samples, fewer than {world_size} ranks x --batch-size {batch_size}")
         self.n, self.batch_size, self.rank, self.seed, self._epoch, self._mine = n, batch_size, rank, seed, -1, None
 
     def batch(self, b: int) -> np.ndarray:
@@ -514,31 +621,72 @@ class ShardedSampler:
         return self._mine[i * self.batch_size : (i + 1) * self.batch_size]
 
 
+def draw_generator(seed: int, rank: int, world_size: int, micro_step: int) -> torch.Generator:
+    """The CPU random stream of one (seed, global rank, micro-step): the same draws on every accelerator.
+    torch's CPU generator (mt19937) keeps 32 bits of its seed, so hashed seeds would collide after some
+    10^5 streams (birthday bound). Numbered micro_step * world_size + rank from a start scrambled from
+    --seed, no stream repeats in a run under 2^32 rank-micro-steps, and resume replays them."""
+    start = int(np.random.SeedSequence(seed).generate_state(1)[0])
+    return torch.Generator().manual_seed((start + micro_step * world_size + rank) % 2**32)
+
+
 # -----------------------------------------------------------------------------
 # checkpoints, validation, export
 
 
-@torch.no_grad()
-def validate(unet, teacher_parts, args, resolution, autocast, path: Path) -> None:
-    """A grid of the fixed validation prompts, fixed seeds, so grids compare across steps and runs."""
-    from PIL import Image
+def sidecar(path: Path) -> Path:
+    return path.with_name(path.name + ".json")
 
-    pipe = pipeline_with(unet, teacher_parts, args.teacher)
-    pipe.set_progress_bar_config(disable=True)
-    device = next(unet.parameters()).device
-    gens = [torch.Generator(device).manual_seed(args.seed + i) for i in range(len(VALIDATION_PROMPTS))]
-    with autocast:
-        images = pipe(
-            VALIDATION_PROMPTS,
-            height=resolution,
-            width=resolution,
-            num_inference_steps=args.validation_steps,
-            generator=gens,
-            output_type="np",
-        ).images  # (N, H, W, 3) in [0, 1]
-    grid = np.concatenate(list(images), axis=1)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_save(path, lambda p: Image.fromarray((grid * 255).round().astype(np.uint8)).save(p, format="PNG"))
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why a checkpoint cannot be trusted, or None: its bytes must match the checksum written beside it."""
+    if not path.is_file():
+        return "not found"
+    try:
+        info = json.loads(sidecar(path).read_text())
+    except (OSError, ValueError):
+        return f"no readable {sidecar(path).name} (its checksum) beside it"
+    if path.stat().st_size != info["bytes"]:
+        return f"{path.stat().st_size} bytes instead of {info['bytes']}, truncated"
+    if sha256_of(path) != info["sha256"]:
+        return "its bytes do not match its sha256 checksum"
+    return None
+
+
+def find_checkpoint(args, world_size: int) -> tuple[Path, list[Path]]:
+    """The checkpoint to resume from: the named file, or the newest intact one in --output-dir (a damaged
+    newer one is named and skipped, never trained on). Checked against this run's flags. Returns it and
+    the damaged ones."""
+    folder = Path(args.output_dir) / "checkpoints"
+    named = args.resume != "latest"
+    candidates = [Path(args.resume)] if named else sorted(folder.glob("step-*.pt"), reverse=True)
+    if not candidates:
+        fail(f"--resume: no checkpoint in {folder}")
+    damaged = []
+    for path in candidates:
+        problem = checkpoint_problem(path)
+        if problem is None:
+            break
+        if named:
+            fail(f"--resume {path}: {problem}; resume from another checkpoint")
+        print0(f"checkpoint {path} is damaged ({problem}); skipping it")
+        damaged.append(path)
+    else:
+        fail(f"--resume: none of the {len(damaged)} checkpoints in {folder} is intact; start a new --output-dir")
+    info = json.loads(sidecar(path).read_text())
+    now = {"--student": args.student, "--batch-size": args.batch_size, "--total-batch-size": args.total_batch_size}
+    for flag, value in (now | {"processes": world_size}).items():
+        if info[flag] != value:
+            fail(f"{path} was written with {flag} {info[flag]}, this run has {value}; resume with the same")
+    return path, damaged
 
 
 def export(unet, ema_params, args, out: Path) -> None:
@@ -567,303 +715,317 @@ def export(unet, ema_params, args, out: Path) -> None:
     tmp.rmdir()
 
 
-def fingerprint(model: nn.Module) -> torch.Tensor:
-    """float64 sum of each parameter tensor. DDP gives every rank the same reduced gradients, so the
-    sums must match exactly; any difference means a parameter escaped the reduction."""
-    return torch.stack([p.detach().double().sum() for p in model.parameters()])
-
-
-# -----------------------------------------------------------------------------
-# training
-
-
-def train(args) -> nn.Module | None:
-    """Build or open the cache, train, export. Returns the trained module (student UNet + projections)."""
-    ddp, rank, local_rank, world_size, device = setup_ddp()
-    try:
-        return _train(args, ddp, rank, world_size, device)
-    finally:
-        if ddp:
-            dist.destroy_process_group()
-
-
-def _train(args, ddp, rank, world_size, device) -> nn.Module | None:
-    out = Path(args.output_dir)
-    if args.total_batch_size % (args.batch_size * world_size):
-        raise SystemExit(
-            f"error: --total-batch-size {args.total_batch_size} is not a multiple of --batch-size "
-            f"{args.batch_size} x {world_size} processes; change one of them"
-        )
-    grad_accum = args.total_batch_size // (args.batch_size * world_size)
-    if args.student not in STUDENTS and not Path(args.student).exists():  # before any slow work
-        raise SystemExit(
-            f"error: unknown --student {args.student!r}; use one of {', '.join(STUDENTS)} or a path to a UNet config.json"
-        )
-    try:  # each pool file on its own, now: an empty or wrong one would otherwise surface after the cache build
-        for f in args.text_pool:
-            TextPool(Path(f))
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"error: --text-pool: {e}")
-    cuda = device.type == "cuda"
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision) if cuda else None
-    autocast = torch.autocast("cuda", dtype=dtype) if dtype else contextlib.nullcontext()
-    if cuda:
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    torch.manual_seed(args.seed)  # same on every rank: identical student init and projections
-
-    teacher_parts = load_teacher(args.teacher, dtype or torch.float32, device)
-    teacher, vae, text_encoder, tokenizer, noise_scheduler = teacher_parts
-    vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
-    resolution = args.resolution or teacher.config.sample_size * vae_scale
-    multiple = vae_scale * 2 ** (len(teacher.config.block_out_channels) - 1)  # every UNet stage halves the latents
-    if resolution % multiple:
-        raise SystemExit(f"error: --resolution {resolution} must be a multiple of {multiple}")
-    latent_shape = (teacher.config.in_channels, resolution // vae_scale, resolution // vae_scale)
-
-    # --- paired data and text pool
-    data = Path(args.data)
-    if not (data / "meta.json").is_file():
-        build_cache(
-            args, teacher_parts, resolution, latent_shape, dtype or torch.float32, device, ddp, rank, world_size
-        )
-    cache = LatentCache(data)
-    if tuple(cache.meta["latent_shape"]) != latent_shape:
-        raise SystemExit(
-            f"error: cache {data} holds latents of shape {tuple(cache.meta['latent_shape'])}, the teacher at "
-            f"{resolution}px needs {latent_shape}; set --resolution {cache.meta['resolution']} or use a new --data"
-        )
-    print0(f"paired data: {len(cache)} cached latents {latent_shape} from {cache.meta['source']}")
-    if args.max_steps == 0:
-        return None
-    try:
-        pool = TextPool([data / "captions.txt"] + [Path(f) for f in args.text_pool]).shard(rank, world_size)
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"error: text pool: {e}")
-    print0(f"text pool: {len(pool) * world_size} prompts (~{len(pool)} on each of {world_size} ranks)")
-    conditioner = RandomConditioner(
-        pool,
-        noise_scheduler.config.num_train_timesteps,
-        schedule=args.rc_schedule if args.random_conditioning else "none",
-        lam=args.rc_lambda,
-        null_prob=args.null_prob,
-    )
-
-    # --- student, distiller, optimizer
-    unet, layers = build_student(teacher, args.student, args.init)
-    print0(f"teacher UNet {n_params(teacher)} params, student {args.student} {n_params(unet)}")
-    distiller = None
+def build_model(args, pipe, unet, layers: dict, latent_shape, autocast) -> Student:
+    """The student UNet with its feature distiller (probed once, so its 1x1 projections exist)."""
+    print0(f"teacher UNet {n_params(pipe.unet)} params, student {args.student} {n_params(unet)}")
+    distiller, device = None, unet.device
     if args.lambda_feat > 0 or args.lambda_rel > 0:
-        distiller = FeatureDistiller(teacher, unet, layers)
-        if args.lambda_feat > 0:
-            x = torch.zeros(1, *latent_shape, device=device)
-            ehs = torch.zeros(1, tokenizer.model_max_length, text_encoder.config.hidden_size, device=device)
-            try:
+        x = torch.zeros(1, *latent_shape, device=device)
+        ehs = torch.zeros(1, pipe.tokenizer.model_max_length, pipe.text_encoder.config.hidden_size, device=device)
+        try:
+            distiller = FeatureDistiller(pipe.unet, unet, layers)
+            if args.lambda_feat > 0:  # a projection wherever student and teacher widths differ
                 with autocast:
                     distiller.probe(x, torch.tensor([1], device=device), ehs)
-            except ValueError as e:
-                raise SystemExit(f"error: feature KD layers do not match: {e}; set --lambda-feat 0")
+        except ValueError as e:
+            fail(f"feature KD layers do not match: {e}; set --lambda-feat 0 --lambda-rel 0")
         print0(f"feature KD on {len(layers)} layers, {len(distiller.proj)} projections ({n_params(distiller)})")
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     if args.compile:
-        # Regional compilation: the hooked stage modules stay eager so hooks come and go freely. All
-        # blocks of a kind share one code object, and each width recompiles it: allow for that.
+        # Regional compilation: the hooked modules stay eager so hooks come and go freely. All blocks of a
+        # kind share one code object, and each width recompiles it: allow for that.
         from diffusers.models.attention import BasicTransformerBlock
         from diffusers.models.resnet import ResnetBlock2D
 
         cfg = torch._dynamo.config
         limit = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"  # torch < 2.6
         setattr(cfg, limit, max(getattr(cfg, limit), 64))
-        for m in list(unet.modules()) + list(teacher.modules()):
+        for m in list(unet.modules()) + list(pipe.unet.modules()):
             if isinstance(m, (BasicTransformerBlock, ResnetBlock2D)):
                 m.compile()
-    model = Student(unet, distiller, feat=args.lambda_feat > 0, rel=args.lambda_rel > 0).to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        params,
-        lr=args.lr,
-        betas=(0.9, 0.999),
-        weight_decay=args.weight_decay,
-        **({"fused": True} if cuda else {"foreach": True}),
-    )  # one kernel, not one per tensor
-    lr_at = lambda step: args.lr * min(1.0, (step + 1) / args.warmup_steps) if args.warmup_steps else args.lr  # noqa: E731
-    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
-    ema = [p.detach().clone().float() for p in unet.parameters()] if args.ema else None
-    weights = [p.detach() for p in unet.parameters()]  # views: they follow the optimizer's in-place updates
+    return Student(unet, distiller, feat=args.lambda_feat > 0, rel=args.lambda_rel > 0).to(device)
 
-    # --- resume: weights, optimizer, scaler, EMA, step; the data position and every random draw
-    # are functions of the step (see ShardedSampler and the per-step generators below)
-    step = 0
-    if args.resume:
-        ckpts = sorted((out / "checkpoints").glob("step-*.pt"))  # .tmp files never match: only complete ones
-        ckpt_path = Path(args.resume) if args.resume != "latest" else ckpts[-1] if ckpts else out / "checkpoints"
-        if not ckpt_path.is_file():
-            raise SystemExit(f"error: --resume: no checkpoint at {ckpt_path}")
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
-        if ckpt["world_size"] != world_size or ckpt["total_batch_size"] != args.total_batch_size:
-            raise SystemExit(
-                f"error: {ckpt_path} was written by {ckpt['world_size']} processes at total batch "
-                f"{ckpt['total_batch_size']}; resume with the same"
-            )
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        if ema is not None:  # a run that had no EMA starts one from the resumed weights
-            ema = [e.to(device) for e in ckpt["ema"]] if ckpt["ema"] is not None else [w.clone() for w in weights]
-        step = ckpt["step"]
-        print0(f"resumed from {ckpt_path} at step {step}")
-        del ckpt
 
-    if ddp:
-        model = DDP(model, device_ids=[device.index] if cuda else None)
-    raw = model.module if ddp else model
-    sampler = ShardedSampler(len(cache), args.batch_size, rank, world_size, args.seed)
-    T = noise_scheduler.config.num_train_timesteps
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "args.json").write_text(json.dumps(vars(args), indent=1))
-    print0(
-        f"{world_size} processes x batch {args.batch_size} x {grad_accum} accumulation = {args.total_batch_size} per step, "
-        f"{args.max_steps} steps on {device.type}, autocast {dtype}"
-    )
+def lr_at(args, step: int) -> float:
+    return args.lr * min(1.0, (step + 1) / args.warmup_steps) if args.warmup_steps else args.lr
 
-    # --- the loop
-    logged = torch.zeros(6, device=device)  # loss, loss_kd_out, loss_kd_feat, loss_task, loss_rel, swapped
-    t_last, steps_since = time.time(), 0
-    bar = tqdm(total=args.max_steps, initial=step, desc="train", disable=rank != 0, dynamic_ncols=True)
-    while step < args.max_steps:
-        for g in optimizer.param_groups:
-            g["lr"] = lr_at(step)
-        for micro in range(grad_accum):
-            micro_step = step * grad_accum + micro
-            # one stream per (seed, global rank, micro-step): distinct across ranks, replayed on resume
-            g_cpu = torch.Generator().manual_seed((args.seed + rank) * 1_000_003 + micro_step)
-            g_dev = torch.Generator(device).manual_seed((args.seed + rank) * 1_000_003 + micro_step) if cuda else g_cpu
 
-            # host side first, while the GPU still runs the last step: a copy from pageable memory waits for it
-            latents, captions = cache.get(sampler.batch(micro_step))  # (B, 4, h, w) float16
-            timesteps = torch.randint(0, T, (len(captions),), generator=g_cpu)
-            captions, paired = conditioner(captions, timesteps, generator=g_cpu)  # swap, then null-drop
-            input_ids = tokenizer(
-                captions,
-                padding="max_length",
-                max_length=tokenizer.model_max_length,
-                truncation=True,
-                return_tensors="pt",
-            ).input_ids
-            latents, timesteps, paired, input_ids = (x.to(device) for x in (latents, timesteps, paired, input_ids))
-            latents = latents.float()
-            noise = torch.randn(latents.shape, generator=g_dev, device=device)
-            noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)  # q(x_t | x_0)
+# -----------------------------------------------------------------------------
+# training: setup (checks first), resume, one step, checkpoint, the loop
 
-            sync = contextlib.nullcontext() if (not ddp or micro == grad_accum - 1) else model.no_sync()
-            with sync, distiller if distiller is not None else contextlib.nullcontext():
-                with torch.no_grad(), autocast:
-                    encoder_hidden_states = text_encoder(input_ids)[0]  # (B, 77, D)
-                    teacher_pred = teacher(noisy_latents, timesteps, encoder_hidden_states).sample
-                with autocast:
-                    model_pred, loss_kd_feat, loss_rel = model(noisy_latents, timesteps, encoder_hidden_states)
-                loss_kd_out = output_kd_loss(model_pred, teacher_pred)
-                loss_task = torch.zeros_like(loss_kd_out)
-                if args.lambda_task > 0:  # denoising loss over paired samples only
-                    target = (
-                        noise
-                        if noise_scheduler.config.prediction_type == "epsilon"
-                        else noise_scheduler.get_velocity(latents, noise, timesteps)
-                    )  # v-prediction (SD 2 at 768 px)
-                    per_sample = F.mse_loss(model_pred.float(), target, reduction="none").mean(dim=(1, 2, 3))
-                    loss_task = (per_sample * paired).sum() / paired.sum().clamp(min=1)
-                loss = (
-                    args.lambda_out * loss_kd_out
-                    + args.lambda_feat * loss_kd_feat
-                    + args.lambda_task * loss_task
-                    + args.lambda_rel * loss_rel
-                )
-                scaler.scale(loss / grad_accum).backward()
-            swapped = 1 - paired.float().mean()  # share of samples trained on a random caption
-            logged += torch.stack([loss, loss_kd_out, loss_kd_feat, loss_task, loss_rel, swapped]).detach() / grad_accum
 
-        scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        if ema is not None:  # diffusers EMAModel's warm-up: decay = min(d, (1 + n) / (10 + n))
+class Trainer:
+    """One run. __init__ is the setup: every check that needs no model first, then teacher and student,
+    the latent cache, the optimizer and the resume. step() is one optimizer step, fit() the loop."""
+
+    def __init__(self, args, ddp: bool, rank: int, world_size: int, device: torch.device):
+        self.args, self.ddp, self.rank, self.world_size, self.device = args, ddp, rank, world_size, device
+        self.out = Path(args.output_dir)
+        self.grad_accum = check_args(args, world_size)
+        source = cache_source(args)
+        resume, self.damaged = find_checkpoint(args, world_size) if args.resume else (None, [])
+        cuda = device.type == "cuda"
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision) if cuda else None
+        self.autocast = torch.autocast("cuda", dtype=dtype) if dtype else contextlib.nullcontext()
+        if cuda:
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.manual_seed(args.seed)  # same on every rank: identical student init and projections
+
+        # --- models and paired data
+        self.pipe, unet, layers = load_models(args.teacher, args.student, args.init, dtype or torch.float32, device)
+        vae_scale = 2 ** (len(self.pipe.vae.config.block_out_channels) - 1)
+        self.resolution = args.resolution or self.pipe.unet.config.sample_size * vae_scale
+        multiple = vae_scale * 2 ** (len(self.pipe.unet.config.block_out_channels) - 1)  # each UNet stage halves
+        if self.resolution % multiple:
+            fail(f"--resolution {self.resolution} must be a multiple of {multiple}")
+        latent_shape = (self.pipe.unet.config.in_channels, self.resolution // vae_scale, self.resolution // vae_scale)
+        self.cache = open_cache(args, source, self.pipe, self.resolution, latent_shape, ddp, rank, world_size)
+        if args.max_steps == 0:
+            return  # the cache is built: nothing to train
+        self.sampler = ShardedSampler(len(self.cache), args.batch_size, rank, world_size, args.seed)
+        try:  # every rank draws from the whole pool with its own stream: the same distribution as a split
+            pool = TextPool([Path(args.data) / "captions.txt"] + [Path(f) for f in args.text_pool])
+        except (OSError, ValueError) as e:
+            fail(f"text pool: {e}")
+        print0(f"text pool: {len(pool)} prompts, each rank drawing from all of them")
+        from diffusers import DDPMScheduler
+
+        self.noise_scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)  # q(x_t | x_0)
+        schedule = args.rc_schedule if args.random_conditioning else "none"
+        T = self.noise_scheduler.config.num_train_timesteps
+        self.conditioner = RandomConditioner(pool, T, schedule=schedule, lam=args.rc_lambda, null_prob=args.null_prob)
+
+        # --- student, optimizer, EMA, resume, DDP
+        self.student = self.model = build_model(args, self.pipe, unet, layers, latent_shape, self.autocast)
+        params = [p for p in self.student.parameters() if p.requires_grad]
+        fused = {"fused": True} if cuda else {"foreach": True}  # one kernel, not one per tensor
+        self.optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, **fused)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+        self.weights = [p.detach() for p in unet.parameters()]  # views: they follow the in-place updates
+        self.ema = [w.clone().float() for w in self.weights] if args.ema else None
+        self.step_count = 0
+        if resume:
+            self.load(resume)
+        if ddp:
+            self.model = DDP(self.student, device_ids=[device.index] if cuda else None)
+        if rank == 0:
+            (self.out / "args.json").write_text(json.dumps(vars(args), indent=1))
+        print0(
+            f"{world_size} processes x batch {args.batch_size} x {self.grad_accum} accumulation = "
+            f"{args.total_batch_size} per step, {args.max_steps} steps on {device.type}, autocast {dtype}"
+        )
+
+    def draw_batch(self, micro_step: int) -> dict:
+        """Everything random in one micro-step, on the CPU, from this (rank, micro-step)'s own stream."""
+        g = draw_generator(self.args.seed, self.rank, self.world_size, micro_step)
+        indices = self.sampler.batch(micro_step)
+        latents, captions = self.cache.get(indices)  # (B, 4, h, w) float16
+        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (len(indices),), generator=g)
+        captions, paired = self.conditioner(captions, timesteps, generator=g)  # swap with p(t), then null-drop
+        noise = torch.randn(latents.shape, generator=g)
+        return dict(
+            indices=indices, latents=latents, captions=captions, paired=paired, timesteps=timesteps, noise=noise
+        )
+
+    def losses(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Teacher and student on the same noisy latents and captions: each loss term and the weighted sum."""
+        args, pipe, tokenizer = self.args, self.pipe, self.pipe.tokenizer
+        ids = tokenizer(batch["captions"], padding="max_length", max_length=tokenizer.model_max_length, truncation=True)
+        input_ids = torch.tensor(ids.input_ids, device=self.device)  # (B, 77)
+        latents, noise, timesteps = (batch[k].to(self.device) for k in ("latents", "noise", "timesteps"))
+        noisy_latents = self.noise_scheduler.add_noise(latents.float(), noise, timesteps)  # q(x_t | x_0)
+        with self.student.distiller if self.student.distiller is not None else contextlib.nullcontext():
+            with torch.no_grad(), self.autocast:
+                encoder_hidden_states = pipe.text_encoder(input_ids)[0]  # (B, 77, D)
+                teacher_pred = pipe.unet(noisy_latents, timesteps, encoder_hidden_states).sample
+            with self.autocast:
+                model_pred, loss_kd_feat, loss_rel = self.model(noisy_latents, timesteps, encoder_hidden_states)
+        loss_kd_out = output_kd_loss(model_pred, teacher_pred)
+        loss_task = torch.zeros_like(loss_kd_out)
+        if args.lambda_task > 0:  # denoising loss over paired samples only
+            paired = batch["paired"].to(self.device)
+            target = noise  # epsilon prediction; SD 2 at 768 px predicts v
+            if self.noise_scheduler.config.prediction_type == "v_prediction":
+                target = self.noise_scheduler.get_velocity(latents.float(), noise, timesteps)
+            per_sample = F.mse_loss(model_pred.float(), target, reduction="none").mean(dim=(1, 2, 3))
+            loss_task = (per_sample * paired).sum() / paired.sum().clamp(min=1)
+        terms = {"loss_kd_out": loss_kd_out, "loss_kd_feat": loss_kd_feat, "loss_task": loss_task, "loss_rel": loss_rel}
+        loss = (
+            args.lambda_out * loss_kd_out
+            + args.lambda_feat * loss_kd_feat
+            + args.lambda_task * loss_task
+            + args.lambda_rel * loss_rel
+        )
+        return {"loss": loss, **terms}
+
+    def step(self) -> tuple[torch.Tensor, float]:
+        """One optimizer step over grad_accum micro-steps: (the LOGGED values, averaged; the grad norm)."""
+        args, step = self.args, self.step_count
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(args, step)
+        logged = torch.zeros(len(LOGGED), device=self.device)
+        for micro in range(self.grad_accum):
+            batch = self.draw_batch(step * self.grad_accum + micro)
+            # gradients are all-reduced once per optimizer step, in the last micro-step's backward
+            last = micro == self.grad_accum - 1
+            with self.model.no_sync() if self.ddp and not last else contextlib.nullcontext():
+                losses = self.losses(batch)
+                self.scaler.scale(losses["loss"] / self.grad_accum).backward()
+            swapped = 1 - batch["paired"].float().mean().to(self.device)  # share of samples on a random caption
+            logged += torch.stack([*losses.values(), swapped]).detach() / self.grad_accum
+        self.scaler.unscale_(self.optimizer)
+        # the UNet only, as in the official trainer: the 1x1 projections are not clipped
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.student.unet.parameters(), args.max_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:  # diffusers EMAModel's warm-up: decay = min(d, (1 + n) / (10 + n))
             decay = min(args.ema_decay, (1 + step) / (10 + step))
-            torch._foreach_lerp_(ema, weights, 1 - decay)
-        step += 1
-        steps_since += 1
-        bar.update(1)
+            torch._foreach_lerp_(self.ema, self.weights, 1 - decay)
+        self.step_count += 1
+        return logged, grad_norm
 
-        last = step == args.max_steps
-        if step % args.log_every == 0 or last or step % args.checkpoint_every == 0:
-            # averaged over ranks, so every rank sees the same NaN and stops together
-            if ddp:
-                dist.all_reduce(logged)
-            vals = (logged / (steps_since * world_size)).tolist()
-            if not all(math.isfinite(v) for v in vals):
-                bar.close()
-                raise SystemExit(
-                    f"error: loss is {vals[0]} at step {step}; lower --lr or use --mixed-precision bf16 "
-                    f"(checkpoints up to step {step - steps_since} are intact)"
-                )
-            dt = (time.time() - t_last) / steps_since
-            rec = {
-                "step": step,
-                "loss": vals[0],
-                "loss_kd_out": vals[1],
-                "loss_kd_feat": vals[2],
-                "loss_task": vals[3],
-                "loss_rel": vals[4],
-                "rc_swap_rate": vals[5],
-                "lr": lr_at(step - 1),
-                "grad_norm": float(grad_norm),
-                "step_time": dt,
-                "samples_per_s": args.total_batch_size / dt,
-            }
-            if rank == 0:
-                with open(out / "log.jsonl", "a") as f:
-                    f.write(json.dumps(rec) + "\n")
-                bar.write(
-                    f"step {step} | loss {vals[0]:.4f} | kd_out {vals[1]:.4f} | kd_feat {vals[2]:.4f} | task "
-                    f"{vals[3]:.4f} | rel {vals[4]:.4f} | swapped {vals[5]:.2f} | lr {rec['lr']:.2e} | {dt:.3f} s/step"
-                )
-            logged.zero_()
-            t_last, steps_since = time.time(), 0
+    def log(self, logged: torch.Tensor, n_steps: int, seconds: float, grad_norm: float, bar) -> None:
+        step = self.step_count
+        if self.ddp:  # averaged over ranks, so every rank sees the same NaN and stops together
+            dist.all_reduce(logged)
+        vals = dict(zip(LOGGED, (logged / (n_steps * self.world_size)).tolist()))
+        if not all(math.isfinite(v) for v in vals.values()):
+            bar.close()
+            fail(
+                f"loss is {vals['loss']} at step {step}; lower --lr or use --mixed-precision bf16 "
+                f"(checkpoints up to step {step - n_steps} are intact)"
+            )
+        dt = seconds / n_steps
+        rec = {"step": step, **vals, "lr": lr_at(self.args, step - 1), "grad_norm": grad_norm, "step_time": dt}
+        rec["samples_per_s"] = self.args.total_batch_size / dt
+        if self.rank == 0:
+            with open(self.out / "log.jsonl", "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            terms = " | ".join(f"{k.removeprefix('loss_')} {v:.4f}" for k, v in vals.items())
+            bar.write(f"step {step} | {terms} | lr {rec['lr']:.2e} | {dt:.3f} s/step")
 
-        if step % args.checkpoint_every == 0 or last:
-            if rank == 0:
-                state = {
-                    "step": step,
-                    "data_position": step * grad_accum,
-                    "world_size": world_size,
-                    "total_batch_size": args.total_batch_size,
-                    "model": raw.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "ema": ema,
-                    "args": {k: v for k, v in vars(args).items()},
-                }
-                (out / "checkpoints").mkdir(parents=True, exist_ok=True)
-                atomic_save(out / "checkpoints" / f"step-{step:07d}.pt", lambda p: torch.save(state, p))
-                for old in sorted((out / "checkpoints").glob("step-*.pt"))[: -max(1, args.keep_checkpoints)]:
-                    old.unlink()
-        if rank == 0 and args.validate_every and (step % args.validate_every == 0 or last):
-            validate(unet, teacher_parts, args, resolution, autocast, out / "samples" / f"step-{step:07d}.png")
-    bar.close()
+    def save(self) -> None:
+        """step-XXXXXXX.pt and its checksum beside it; then the oldest intact ones beyond --keep-checkpoints
+        go (a damaged one is neither kept nor counted, so the newest intact one always stays)."""
+        args, step, folder = self.args, self.step_count, self.out / "checkpoints"
+        state = {
+            "step": step,
+            "model": self.student.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "ema": self.ema,
+            "args": vars(args),
+        }
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"step-{step:07d}.pt"
+        atomic_save(path, lambda p: torch.save(state, p))
+        info = {"step": step, "sha256": sha256_of(path), "bytes": path.stat().st_size, "processes": self.world_size}
+        info |= {
+            "--student": args.student,
+            "--batch-size": args.batch_size,
+            "--total-batch-size": args.total_batch_size,
+        }
+        atomic_save(sidecar(path), lambda p: p.write_text(json.dumps(info, indent=1)))
+        older = [
+            c for c in sorted(folder.glob("step-*.pt")) if c != path and c not in self.damaged and sidecar(c).is_file()
+        ]
+        for old in older[: max(0, len(older) - (args.keep_checkpoints - 1))]:
+            sidecar(old).unlink()
+            old.unlink()
 
-    # --- the end: check that DDP kept every rank in step, then export on rank 0
-    if ddp:
-        fp = fingerprint(raw)
-        fps = [torch.empty_like(fp) for _ in range(world_size)]
-        dist.all_gather(fps, fp)
-        if not all(torch.equal(fps[0], f) for f in fps):
-            raise SystemExit("error: student weights differ across ranks after training")
-        print0(f"student weights identical on all {world_size} ranks")
-    if rank == 0:
-        export(unet, ema, args, out)
-        print0(f"saved the student pipeline to {out} (StableDiffusionPipeline.from_pretrained)")
-    return raw
+    def load(self, path: Path) -> None:
+        """Weights, optimizer, scaler, EMA, step. The data position and every random draw are functions of
+        the step (ShardedSampler, draw_generator), so nothing else is needed for an exact resume."""
+        ckpt = torch.load(path, map_location=self.device, weights_only=True)
+        try:
+            self.student.load_state_dict(ckpt["model"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            fail(
+                f"{path} does not fit this model ({str(e).splitlines()[0]}); resume with the flags it was written with"
+            )
+        self.scaler.load_state_dict(ckpt["scaler"])
+        if self.ema is not None:  # a run that had no EMA starts one from the resumed weights
+            self.ema = [e.to(self.device) for e in ckpt["ema"]] if ckpt["ema"] else [w.clone() for w in self.weights]
+        self.step_count = ckpt["step"]
+        log = self.out / "log.jsonl"
+        if self.rank == 0 and log.is_file():  # the steps after this checkpoint will be logged again
+            kept = []
+            for line in log.read_text().splitlines():
+                with contextlib.suppress(ValueError):  # a line cut by a kill
+                    if json.loads(line)["step"] <= self.step_count:
+                        kept.append(line + "\n")
+            atomic_save(log, lambda p: p.write_text("".join(kept)))
+        print0(f"resumed from {path} at step {self.step_count}")
+
+    @torch.no_grad()
+    def validate(self) -> None:
+        """A grid of the fixed validation prompts, fixed seeds, so grids compare across steps and runs."""
+        from diffusers import StableDiffusionPipeline
+        from PIL import Image
+
+        pipe = StableDiffusionPipeline(
+            **{**self.pipe.components, "unet": self.student.unet}, requires_safety_checker=False
+        )
+        pipe.set_progress_bar_config(disable=True)
+        gens = [torch.Generator(self.device).manual_seed(self.args.seed + i) for i in range(len(VALIDATION_PROMPTS))]
+        size = self.resolution
+        with self.autocast:
+            images = pipe(
+                VALIDATION_PROMPTS,
+                height=size,
+                width=size,
+                num_inference_steps=self.args.validation_steps,
+                generator=gens,
+                output_type="np",
+            ).images  # (N, H, W, 3) in [0, 1]
+        grid = (np.concatenate(list(images), axis=1) * 255).round().astype(np.uint8)
+        path = self.out / "samples" / f"step-{self.step_count:07d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_save(path, lambda p: Image.fromarray(grid).save(p, format="PNG"))
+
+    def fit(self) -> None:
+        args = self.args
+        logged = torch.zeros(len(LOGGED), device=self.device)
+        t_last, since = time.time(), 0
+        bar = tqdm(
+            total=args.max_steps, initial=self.step_count, desc="train", disable=self.rank != 0, dynamic_ncols=True
+        )
+        while self.step_count < args.max_steps:
+            values, grad_norm = self.step()
+            logged += values
+            since += 1
+            bar.update(1)
+            step, last = self.step_count, self.step_count == args.max_steps
+            if step % args.log_every == 0 or step % args.checkpoint_every == 0 or last:
+                self.log(logged, since, time.time() - t_last, float(grad_norm), bar)
+                logged.zero_()
+                t_last, since = time.time(), 0
+            if self.rank == 0 and (step % args.checkpoint_every == 0 or last):
+                self.save()
+            if self.rank == 0 and args.validate_every and (step % args.validate_every == 0 or last):
+                self.validate()
+        bar.close()
+
+
+def train(args) -> nn.Module | None:
+    """Build or open the cache, train, export. Returns the trained module (student UNet + projections)."""
+    ddp, rank, _, world_size, device = setup_ddp()
+    quiet_libraries()
+    try:
+        trainer = Trainer(args, ddp, rank, world_size, device)
+        if args.max_steps == 0:
+            return None
+        trainer.fit()
+        if rank == 0:
+            export(trainer.student.unet, trainer.ema, args, trainer.out)
+            print0(f"saved the student pipeline to {trainer.out} (StableDiffusionPipeline.from_pretrained)")
+        return trainer.student
+    finally:
+        if ddp:
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -113,14 +113,15 @@ def time_ours(args, teacher: Path, data: Path, out: Path, *extra: str) -> float:
 
 
 def time_bare(args, teacher_path: Path, device: torch.device, latent_shape) -> float:
+    from diffusers import DDPMScheduler
+
     cuda = device.type == "cuda"
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision) if cuda else None
     autocast = torch.autocast("cuda", dtype=dtype) if dtype else contextlib.nullcontext()
     torch.manual_seed(0)
-    teacher, _, text_encoder, tokenizer, noise_scheduler = train.load_teacher(
-        str(teacher_path), dtype or torch.float32, device
-    )
-    student, _ = train.build_student(teacher, args.student, None)
+    pipe, student, _ = train.load_models(str(teacher_path), args.student, None, dtype or torch.float32, device)
+    teacher, text_encoder, tokenizer = pipe.unet, pipe.text_encoder, pipe.tokenizer
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     if args.gradient_checkpointing:
         student.enable_gradient_checkpointing()
     optimizer = torch.optim.AdamW(

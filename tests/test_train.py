@@ -3,6 +3,7 @@ kill-and-resume, export, and every bad input the trainer promises to reject clea
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -174,6 +175,67 @@ def test_width_students_of_sd2_keep_heads_that_divide():
     assert tiny["attention_head_dim"] == [5, 10, 20] and tiny["block_out_channels"] == [320, 640, 1280]
 
 
+# BK-SDM's teacher init written out for an SD-v1-shaped teacher: student module <- teacher module.
+# Everything not listed (down path, mid block, conv_in/out, time embedding) keeps its own name.
+UP_PATH = {
+    "bk_base": {
+        "up_blocks.0.resnets.0": "up_blocks.0.resnets.0",
+        "up_blocks.0.resnets.1": "up_blocks.0.resnets.2",
+        "up_blocks.0.upsamplers.0": "up_blocks.0.upsamplers.0",
+        "up_blocks.1.resnets.0": "up_blocks.1.resnets.0",
+        "up_blocks.1.resnets.1": "up_blocks.1.resnets.2",
+        "up_blocks.1.attentions.0": "up_blocks.1.attentions.0",
+        "up_blocks.1.attentions.1": "up_blocks.1.attentions.2",
+        "up_blocks.1.upsamplers.0": "up_blocks.1.upsamplers.0",
+        "up_blocks.2.resnets.0": "up_blocks.2.resnets.0",
+        "up_blocks.2.resnets.1": "up_blocks.2.resnets.2",
+        "up_blocks.2.attentions.0": "up_blocks.2.attentions.0",
+        "up_blocks.2.attentions.1": "up_blocks.2.attentions.2",
+        "up_blocks.2.upsamplers.0": "up_blocks.2.upsamplers.0",
+        "up_blocks.3.resnets.0": "up_blocks.3.resnets.0",
+        "up_blocks.3.resnets.1": "up_blocks.3.resnets.2",
+        "up_blocks.3.attentions.0": "up_blocks.3.attentions.0",
+        "up_blocks.3.attentions.1": "up_blocks.3.attentions.2",
+    },
+    "bk_tiny": {  # the outermost up stage is gone: student up stage k is the teacher's k + 1
+        "up_blocks.0.resnets.0": "up_blocks.1.resnets.0",
+        "up_blocks.0.resnets.1": "up_blocks.1.resnets.2",
+        "up_blocks.0.attentions.0": "up_blocks.1.attentions.0",
+        "up_blocks.0.attentions.1": "up_blocks.1.attentions.2",
+        "up_blocks.0.upsamplers.0": "up_blocks.1.upsamplers.0",
+        "up_blocks.1.resnets.0": "up_blocks.2.resnets.0",
+        "up_blocks.1.resnets.1": "up_blocks.2.resnets.2",
+        "up_blocks.1.attentions.0": "up_blocks.2.attentions.0",
+        "up_blocks.1.attentions.1": "up_blocks.2.attentions.2",
+        "up_blocks.1.upsamplers.0": "up_blocks.2.upsamplers.0",
+        "up_blocks.2.resnets.0": "up_blocks.3.resnets.0",
+        "up_blocks.2.resnets.1": "up_blocks.3.resnets.2",
+        "up_blocks.2.attentions.0": "up_blocks.3.attentions.0",
+        "up_blocks.2.attentions.1": "up_blocks.3.attentions.2",
+    },
+}
+UP_PATH["bk_small"] = UP_PATH["bk_base"]
+C_LAYERS = [  # REFERENCE.md: the official trainer's 9 feature-KD layers of the C-series
+    "up_blocks.0.upsamplers.0.conv",
+    "up_blocks.1.upsamplers.0.conv",
+    "up_blocks.2.upsamplers.0.conv",
+    "up_blocks.3.attentions.2.proj_out",
+    "mid_block.attentions.0.proj_out",
+    "down_blocks.0.downsamplers.0.conv",
+    "down_blocks.1.downsamplers.0.conv",
+    "down_blocks.2.downsamplers.0.conv",
+    "down_blocks.3.resnets.1.conv2",
+]
+
+
+def teacher_tensor(student_tensor: str, student: str) -> str:
+    for s, t in UP_PATH[student].items():
+        if student_tensor.startswith(s + "."):
+            return t + student_tensor[len(s) :]
+    assert not student_tensor.startswith("up_blocks."), f"the table misses {student_tensor}"
+    return student_tensor
+
+
 @pytest.mark.parametrize("name", train.STUDENTS)
 def test_students_of_the_tiny_teacher(tiny_sd, name):
     from diffusers import UNet2DConditionModel
@@ -190,21 +252,10 @@ def test_students_of_the_tiny_teacher(tiny_sd, name):
         assert all(len(b.resnets) == 2 for b in student.up_blocks)
         assert (student.mid_block is None) == (name != "bk_base")
         assert len(student.down_blocks) == (3 if name == "bk_tiny" else 4)
-        # the published mapping, spelled out: up stages keep layers 0 and 2; bk_tiny's up stage k is the teacher's k+1
-        up = 1 if name == "bk_tiny" else 0
-        pairs = {
-            "down_blocks.0.resnets.0.conv1.weight": "down_blocks.0.resnets.0.conv1.weight",
-            "down_blocks.1.attentions.0.proj_in.weight": "down_blocks.1.attentions.0.proj_in.weight",
-            "up_blocks.1.resnets.0.conv2.weight": f"up_blocks.{1 + up}.resnets.0.conv2.weight",
-            "up_blocks.1.resnets.1.conv1.weight": f"up_blocks.{1 + up}.resnets.2.conv1.weight",
-            "up_blocks.2.attentions.1.proj_out.weight": f"up_blocks.{2 + up}.attentions.2.proj_out.weight",
-            "conv_out.weight": "conv_out.weight",
-        }
-        for s, t in pairs.items():
-            assert torch.equal(s_state[s], t_state[t]), s
-        # and every student tensor comes from some teacher tensor of the same shape
-        for k, v in s_state.items():
-            assert torch.equal(v, t_state[train.teacher_name(k, name)]), k
+        for k, v in s_state.items():  # every student tensor is the teacher tensor the table names
+            assert torch.equal(v, t_state[teacher_tensor(k, name)]), k
+        stages = [f"{path}_blocks.{i}" for path in ("down", "up") for i in range(4)]
+        assert layers == (train.BK_TINY_LAYERS if name == "bk_tiny" else {s: s for s in stages})
     else:
         scale = train.C_WIDTHS[name] / 320
         assert all(
@@ -214,9 +265,24 @@ def test_students_of_the_tiny_teacher(tiny_sd, name):
         assert not torch.equal(s_state["conv_in.weight"][:1], t_state["conv_in.weight"][:1, :, :, :])
         with pytest.raises(SystemExit, match="--init random"):
             train.build_student(teacher, name, "teacher")
+        assert layers == {s: s for s in C_LAYERS}
     # every hooked layer exists in both models
     for s, t in layers.items():
         student.get_submodule(s), teacher.get_submodule(t)
+
+
+def test_student_starts_from_the_full_precision_teacher_when_the_teacher_runs_in_bf16(tiny_sd):
+    from diffusers import UNet2DConditionModel
+
+    pipe, student, _ = train.load_models(str(tiny_sd), "bk_base", None, torch.bfloat16, torch.device("cpu"))
+    assert pipe.unet.dtype == torch.bfloat16 and pipe.text_encoder.dtype == torch.bfloat16
+    fp32 = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet").state_dict()
+    rounded = 0
+    for k, v in student.state_dict().items():
+        expected = fp32[teacher_tensor(k, "bk_base")]
+        assert v.dtype == torch.float32 and torch.equal(v, expected), k
+        rounded += not torch.equal(expected, expected.bfloat16().float())
+    assert rounded > 0  # a copy of the bf16 teacher would have differed
 
 
 def test_feature_kd_layers_give_matching_shapes_for_bk_tiny(tiny_sd):
@@ -347,7 +413,7 @@ def test_train_one_process_with_projections_and_export(tiny_sd, cache, texts, tm
         assert r["loss"] == pytest.approx(
             r["loss_kd_out"] + r["loss_kd_feat"] + r["loss_task"] + r["loss_rel"], rel=1e-5
         )
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000002.pt", "step-0000003.pt"]
+    assert sorted(p.name for p in (out / "checkpoints").glob("step-*.pt")) == ["step-0000002.pt", "step-0000003.pt"]
     assert (out / "samples" / "step-0000003.png").is_file()
     ckpt = torch.load(out / "checkpoints" / "step-0000003.pt", weights_only=True)
     assert any(k.startswith("distiller.proj.") for k in ckpt["model"])  # projections trained ...
@@ -428,6 +494,10 @@ def test_help_lists_the_flags(capsys):
         "--compile",
     ):
         assert flag in text, flag
+    blocks = re.split(r"\n  (?=-)", text.split("options:")[1])  # one block per flag
+    assert len(blocks) > 40
+    for block in blocks:  # every flag but -h/--help shows its default
+        assert not block.strip() or block.startswith("-h") or "(default:" in " ".join(block.split()), block
 
 
 def test_kill_and_resume_gives_the_uninterrupted_weights(tiny_sd, cache, texts, tmp_path):
@@ -443,7 +513,8 @@ def test_kill_and_resume_gives_the_uninterrupted_weights(tiny_sd, cache, texts, 
         stderr=subprocess.DEVNULL,
     )
     deadline = time.time() + 120
-    while not list((cut / "checkpoints").glob("step-*.pt")) and time.time() < deadline and proc.poll() is None:
+    # a checkpoint is complete once its checksum is beside it
+    while not list((cut / "checkpoints").glob("step-*.pt.json")) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -457,51 +528,92 @@ def test_kill_and_resume_gives_the_uninterrupted_weights(tiny_sd, cache, texts, 
         b = load_file(cut / sub / "diffusion_pytorch_model.safetensors")
         assert all(torch.equal(a[k], b[k]) for k in a), sub
     steps = [json.loads(line)["step"] for line in (cut / "log.jsonl").read_text().splitlines()]
-    assert steps[-1] == 6
+    assert steps == [1, 2, 3, 4, 5, 6]  # each step once: the lines after the checkpoint were dropped on resume
 
 
 @pytest.mark.slow
-def test_torchrun_two_processes_end_with_identical_weights(tiny_sd, cache, texts, tmp_path):
+def test_torchrun_two_processes_draw_apart_and_end_with_identical_weights(tiny_sd, cache, texts, tmp_path):
     out = tmp_path / "ddp"
-    # each rank saves what it trained (student and projections), so the test compares them itself
+    # each rank records what train.py drew in every micro-step (the real draws, passed through) and
+    # saves what it trained (student and projections), so the test compares the ranks itself
     (tmp_path / "each_rank.py").write_text(
-        "import os, sys\n"
+        "import json, os, sys\n"
         f"sys.path.insert(0, {str(ROOT)!r})\n"
         "from safetensors.torch import save_file\n"
         "import train\n"
+        "draws, draw_batch = [], train.Trainer.draw_batch\n"
+        "def recorded(self, micro_step):\n"
+        "    b = draw_batch(self, micro_step)\n"
+        "    draws.append(dict(step=micro_step, indices=b['indices'].tolist(), timesteps=b['timesteps'].tolist(),\n"
+        "                      noise=b['noise'].flatten().tolist(), captions=b['captions']))\n"
+        "    return b\n"
+        "train.Trainer.draw_batch = recorded\n"
         "model = train.train(train.parse_args(sys.argv[1:]))\n"
         "state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}\n"
         f"save_file(state, {str(tmp_path)!r} + f'/rank{{os.environ[\"RANK\"]}}.safetensors')\n"
+        f"open({str(tmp_path)!r} + f'/draws{{os.environ[\"RANK\"]}}.json', 'w').write(json.dumps(draws))\n"
     )
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    args = cmd(
-        tiny_sd,
-        cache,
-        out,
-        "--student",
-        "c_tiny",
-        "--text-pool",
-        str(texts[1]),
-        "--max-steps",
-        "3",
-        "--total-batch-size",
-        "8",
-        "--no-ema",
-    )[2:]
+    # p(t) = 1: every caption is a pool draw (or the empty one), so the captions show the pool draws
+    flags = ["--student", "c_tiny", "--text-pool", str(texts[1]), "--rc-schedule", "constant", "--rc-lambda", "1"]
+    args = cmd(tiny_sd, cache, out, *flags, "--max-steps", "3", "--total-batch-size", "8", "--no-ema")[2:]
     r = subprocess.run(
         torchrun + [str(tmp_path / "each_rank.py")] + args, env=ENV, capture_output=True, text=True, timeout=300
     )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "2 processes x batch 2 x 2 accumulation = 8" in r.stdout
+
+    draws = [json.loads((tmp_path / f"draws{rank}.json").read_text()) for rank in (0, 1)]
+    assert [d["step"] for d in draws[0]] == [d["step"] for d in draws[1]] == list(range(6))
+    for a, b in zip(*draws):  # the same micro-step on the two ranks: nothing drawn twice
+        assert not set(a["indices"]) & set(b["indices"])
+        assert a["timesteps"] != b["timesteps"] and a["noise"] != b["noise"] and a["captions"] != b["captions"]
+    # an epoch is 8 samples / (2 ranks x batch 2) = 2 micro-steps: together the ranks see the cache once
+    for epoch in range(3):
+        seen = [i for d in draws for step in d[2 * epoch : 2 * epoch + 2] for i in step["indices"]]
+        assert sorted(seen) == list(range(8)), epoch
+
     rank0, rank1 = load_file(tmp_path / "rank0.safetensors"), load_file(tmp_path / "rank1.safetensors")
     projections = [k for k in rank0 if k.startswith("distiller.proj.")]
     assert projections and rank0.keys() == rank1.keys()
-    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)  # DDP reduced every parameter, projections too
     exported = load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
     assert all(torch.equal(exported[k], rank0["unet." + k]) for k in exported)
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [x["step"] for x in log] == [1, 2, 3] and all(np.isfinite(x["loss"]) for x in log)
-    assert "student weights identical on all 2 ranks" in r.stdout  # train.py's own check agrees
+
+
+def test_random_streams_never_repeat_within_a_run():
+    # torch's CPU generator keeps 32 bits of its seed; the streams of 64 ranks x 2000 micro-steps are
+    # numbered apart, where hashed seeds would already collide (birthday bound ~ 77K streams for 50%)
+    seeds = [train.draw_generator(1234, r, 64, s).initial_seed() for r in range(64) for s in range(2000)]
+    assert len(set(seeds)) == len(seeds) and max(seeds) < 2**32
+    first = torch.rand(1, generator=train.draw_generator(1234, 3, 4, 10))
+    assert torch.equal(first, torch.rand(1, generator=train.draw_generator(1234, 3, 4, 10)))  # replayed on resume
+    assert train.draw_generator(1, 0, 1, 0).initial_seed() != train.draw_generator(0, 0, 1, 1).initial_seed()
+
+
+def test_ema_follows_its_formula(tiny_sd, cache, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    out = tmp_path / "ema"
+    flags = ["--student", "bk_small", "--lambda-feat", "0", "--lr", "1e-2", "--ema-decay", "0.5"]
+    run_inproc(tiny_sd, cache, out, *flags, "--max-steps", "3", "--checkpoint-every", "1", "--keep-checkpoints", "3")
+    teacher = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet")
+    student, _ = train.build_student(teacher, "bk_small", None)
+    names = [n for n, _ in student.named_parameters()]
+    raw = [dict(student.named_parameters())]  # w_0: the teacher init
+    for step in (1, 2, 3):
+        ckpt = torch.load(out / "checkpoints" / f"step-{step:07d}.pt", weights_only=True)
+        raw.append({n: ckpt["model"]["unet." + n] for n in names})
+    # ema_0 = w_0; ema_{n+1} = d_n ema_n + (1 - d_n) w_{n+1}, d_n = min(0.5, (1 + n) / (10 + n))
+    ema = {n: raw[0][n].detach().clone() for n in names}
+    for n in range(3):
+        d = min(0.5, (1 + n) / (10 + n))
+        ema = {k: d * ema[k] + (1 - d) * raw[n + 1][k] for k in names}
+    for k, got in zip(names, ckpt["ema"]):
+        torch.testing.assert_close(got, ema[k], rtol=1e-5, atol=1e-6)
+    assert max((ema[k] - raw[3][k]).abs().max() for k in names) > 1e-3  # far from the raw weights
 
 
 # -----------------------------------------------------------------------------
@@ -513,7 +625,7 @@ def test_bad_inputs_give_one_line_errors(tiny_sd, cache, texts, tmp_path):
     assert "unknown --student 'bk_huge'" in error_of(tiny_sd, cache, out, "--student", "bk_huge", "--max-steps", "1")
     no_unet = tmp_path / "no_unet"
     (no_unet / "vae").mkdir(parents=True)
-    assert "has no loadable unet" in error_of(no_unet, cache, out, "--max-steps", "1")
+    assert "not a loadable diffusers Stable Diffusion pipeline" in error_of(no_unet, cache, out, "--max-steps", "1")
     assert "pass --prompts FILE or --images DIR" in error_of(tiny_sd, tmp_path / "nodata", out)
     (tmp_path / "empty.txt").write_text("\n\n")
     assert "has no prompt" in error_of(tiny_sd, tmp_path / "d2", out, "--prompts", str(tmp_path / "empty.txt"))
@@ -549,7 +661,7 @@ def test_nan_loss_stops_with_an_error_and_keeps_the_checkpoints(tiny_sd, cache, 
     msg = error_of(tiny_sd, cache, out, "--lr", "1e30", "--max-steps", "5", "--checkpoint-every", "1", "--no-ema")
     assert "loss is" in msg and "at step 2" in msg
     kept = sorted(p.name for p in (out / "checkpoints").iterdir())
-    assert kept == ["step-0000001.pt"]  # written before the failure, complete, no .tmp left
+    assert kept == ["step-0000001.pt", "step-0000001.pt.json"]  # written before the failure, no .tmp left
     assert torch.load(out / "checkpoints" / kept[0], weights_only=True)["step"] == 1
     assert not (out / "unet").exists()
 

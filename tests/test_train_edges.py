@@ -1,0 +1,221 @@
+# ruff: noqa: F811 -- the fixtures imported from test_train are requested by name as test arguments
+"""train.py at its edges: damaged checkpoints, a cache met with another list, flags out of range,
+unreadable inputs, library warnings. Each case ends in one `error:` line with nothing good deleted or
+overwritten, or in an exact recovery."""
+
+import json
+import shutil
+import subprocess
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_train import ENV, cache, cmd, error_of, one_thread, run_inproc, texts  # noqa: F401 (module fixtures, shared)
+
+import train
+
+UNET = "unet/diffusion_pytorch_model.safetensors"
+
+
+def flip_bytes(path, n=64):
+    """Damage a file as a bad disk or copy would: n bytes in the middle inverted, the size unchanged."""
+    data = bytearray(path.read_bytes())
+    mid = len(data) // 2
+    data[mid : mid + n] = bytes(b ^ 0xFF for b in data[mid : mid + n])
+    path.write_bytes(bytes(data))
+
+
+def names(folder):
+    return sorted(p.name for p in folder.iterdir())
+
+
+# -----------------------------------------------------------------------------
+# checkpoints
+
+
+def test_a_damaged_latest_checkpoint_is_named_skipped_and_the_run_resumes_exactly(tiny_sd, cache, tmp_path, capsys):
+    out = tmp_path / "o"
+    flags = ["--student", "bk_small", "--checkpoint-every", "2", "--max-steps", "4"]
+    run_inproc(tiny_sd, cache, out, *flags)
+    uninterrupted = load_file(out / UNET)
+    flip_bytes(out / "checkpoints" / "step-0000004.pt")
+    capsys.readouterr()
+    run_inproc(tiny_sd, cache, out, *flags, "--resume", "--keep-checkpoints", "1")
+    said = capsys.readouterr().out
+    assert "step-0000004.pt is damaged (its bytes do not match its sha256 checksum)" in said
+    assert "resumed from" in said and "step-0000002.pt at step 2" in said
+    again = load_file(out / UNET)
+    assert all(torch.equal(uninterrupted[k], again[k]) for k in uninterrupted)
+    assert names(out / "checkpoints") == ["step-0000004.pt", "step-0000004.pt.json"]  # rewritten, intact
+    assert train.checkpoint_problem(out / "checkpoints" / "step-0000004.pt") is None
+
+
+def test_rotation_keeps_the_newest_intact_checkpoint_when_a_newer_one_is_damaged(tiny_sd, cache, tmp_path):
+    out = tmp_path / "o"
+    flags = ["--student", "bk_small", "--lambda-feat", "0", "--checkpoint-every", "2"]
+    run_inproc(tiny_sd, cache, out, *flags, "--max-steps", "6", "--keep-checkpoints", "3")
+    flip_bytes(out / "checkpoints" / "step-0000006.pt")
+    run_inproc(tiny_sd, cache, out, *flags, "--max-steps", "5", "--keep-checkpoints", "1", "--resume")
+    # the damaged step 6 is neither counted nor deleted; step 5, the newest intact one, is kept
+    assert names(out / "checkpoints") == [
+        "step-0000005.pt",
+        "step-0000005.pt.json",
+        "step-0000006.pt",
+        "step-0000006.pt.json",
+    ]
+    assert train.checkpoint_problem(out / "checkpoints" / "step-0000005.pt") is None
+
+
+def test_a_truncated_checkpoint_named_on_the_command_line_is_refused(tiny_sd, cache, tmp_path):
+    out = tmp_path / "o"
+    run_inproc(tiny_sd, cache, out, "--lambda-feat", "0", "--max-steps", "1", "--no-ema")
+    ckpt = out / "checkpoints" / "step-0000001.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
+    before = names(out)
+    msg = error_of(tiny_sd, cache, out, "--lambda-feat", "0", "--max-steps", "2", "--no-ema", "--resume", str(ckpt))
+    assert str(ckpt) in msg and "truncated" in msg
+    assert names(out) == before and ckpt.is_file()
+
+
+def test_no_intact_checkpoint_stops_the_resume(tiny_sd, cache, tmp_path):
+    out = tmp_path / "o"
+    run_inproc(tiny_sd, cache, out, "--lambda-feat", "0", "--max-steps", "1", "--no-ema")
+    flip_bytes(out / "checkpoints" / "step-0000001.pt")
+    msg = error_of(tiny_sd, cache, out, "--lambda-feat", "0", "--max-steps", "2", "--no-ema", "--resume")
+    assert "none of the 1 checkpoints" in msg and "is intact" in msg
+    assert (out / "checkpoints" / "step-0000001.pt").is_file()
+
+
+def test_a_checkpoint_of_another_student_batch_size_or_world_size_is_refused(tiny_sd, cache, tmp_path):
+    out = tmp_path / "o"
+    run_inproc(tiny_sd, cache, out, "--student", "bk_small", "--lambda-feat", "0", "--max-steps", "1")
+    resume = ["--lambda-feat", "0", "--max-steps", "2", "--resume"]
+    assert "with --student bk_small" in error_of(tiny_sd, cache, out, "--student", "bk_base", *resume)
+    msg = error_of(tiny_sd, cache, out, "--student", "bk_small", "--batch-size", "1", *resume)
+    assert "with --batch-size 2, this run has 1" in msg
+    side = out / "checkpoints" / "step-0000001.pt.json"  # as written by a 2-process run
+    side.write_text(json.dumps({**json.loads(side.read_text()), "processes": 2}))
+    assert "with processes 2, this run has 1" in error_of(tiny_sd, cache, out, "--student", "bk_small", *resume)
+
+
+# -----------------------------------------------------------------------------
+# the latent cache
+
+
+def test_a_built_cache_met_with_other_prompts_is_refused(tiny_sd, cache, tmp_path):
+    other = tmp_path / "other.txt"
+    other.write_text("a dog in the snow\na boat on the sea\n")
+    before = {p.name: p.stat().st_mtime_ns for p in cache.iterdir()}
+    msg = error_of(tiny_sd, cache, tmp_path / "o", "--prompts", str(other), "--shard-size", "3", "--max-steps", "1")
+    assert "different --prompts/--images list" in msg and "drop --prompts/--images" in msg
+    assert {p.name: p.stat().st_mtime_ns for p in cache.iterdir()} == before
+
+
+def test_a_half_built_cache_met_with_other_prompts_is_refused(tiny_sd, texts, tmp_path):
+    data = tmp_path / "data"
+    run_inproc(tiny_sd, data, tmp_path / "o", "--prompts", str(texts[0]), "--shard-size", "3", "--max-steps", "0")
+    (data / "meta.json").unlink()  # as if the build had died
+    (data / "latents-00002.npy").unlink()
+    before = {p.name: p.read_bytes() for p in data.iterdir()}
+    msg = error_of(tiny_sd, data, tmp_path / "o", "--prompts", str(texts[1]), "--shard-size", "3", "--max-steps", "0")
+    assert "different --prompts/--images list" in msg and "delete it" in msg
+    assert {p.name: p.read_bytes() for p in data.iterdir()} == before  # no shard of the other list mixed in
+    msg = error_of(tiny_sd, data, tmp_path / "o", "--prompts", str(texts[0]), "--shard-size", "2", "--max-steps", "0")
+    assert "different --shard-size" in msg
+
+
+@pytest.mark.parametrize("damage", ["truncated", "missing"])
+def test_a_damaged_shard_is_named_with_how_to_rebuild_it(tiny_sd, cache, texts, tmp_path, damage):
+    data = tmp_path / "data"
+    shutil.copytree(cache, data)
+    shard = data / "latents-00001.npy"
+    if damage == "truncated":
+        shard.write_bytes(shard.read_bytes()[:200])
+    else:
+        shard.unlink()
+    msg = error_of(tiny_sd, data, tmp_path / "o", "--max-steps", "1")
+    assert "shard 1 is missing or damaged" in msg and "delete latents-00001.npy and meta.json" in msg
+    # doing what it says rebuilds exactly the shard that was built before
+    shard.unlink(missing_ok=True)
+    (data / "meta.json").unlink()
+    run_inproc(tiny_sd, data, tmp_path / "o", "--prompts", str(texts[0]), "--shard-size", "3", "--max-steps", "0")
+    assert shard.read_bytes() == (cache / "latents-00001.npy").read_bytes()
+
+
+# -----------------------------------------------------------------------------
+# flags and inputs, checked before any slow work
+
+
+@pytest.mark.parametrize(
+    "flag, value, expected",
+    [
+        ("--max-steps", "-5", "--max-steps: -5 is not at least 0"),
+        ("--batch-size", "0", "--batch-size: 0 is not at least 1"),
+        ("--log-every", "0", "--log-every: 0 is not at least 1"),
+        ("--checkpoint-every", "0", "--checkpoint-every: 0 is not at least 1"),
+        ("--lr", "-0.001", "--lr: -0.001 is not at least 0"),
+        ("--lr", "nan", "--lr: nan is not at least 0"),
+        ("--null-prob", "1.5", "--null-prob: 1.5 is not in [0, 1]"),
+        ("--batch-size", "two", "--batch-size: invalid int value: 'two'"),
+    ],
+)
+def test_counts_and_rates_out_of_range_are_refused_before_anything_is_written(tmp_path, flag, value, expected):
+    r = subprocess.run(
+        cmd("no-teacher-needed", tmp_path / "data", tmp_path / "out", flag, value),
+        env=ENV,
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 1 and r.stderr.strip() == f"error: argument {expected}"
+    assert not (tmp_path / "data").exists() and not (tmp_path / "out").exists()
+
+
+def test_a_prompt_file_that_is_not_utf8_is_named_with_its_line(tiny_sd, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes("a cat\na caf\u00e9\n".encode() + "a na\u00efve dog\n".encode("latin-1"))
+    msg = error_of(tiny_sd, tmp_path / "data", tmp_path / "o", "--prompts", str(prompts))
+    assert "line 3 is not UTF-8" in msg
+    assert not (tmp_path / "data").exists()
+
+
+@pytest.mark.parametrize(
+    "metadata, text, bad_line",
+    [
+        ("metadata.jsonl", '{"file_name": "0.png", "text": "a cat"}\n{"file_name": "1.png", "text": "a dog"\n', 2),
+        ("metadata.jsonl", '{"file_name": "0.png", "text": "a cat"}\n\n{"file_name": "1.png"}\n', 3),
+        ("metadata.csv", "file_name,text\n0.png,a cat\n1.png\n", 3),
+    ],
+)
+def test_image_metadata_that_does_not_parse_is_named_with_its_line(tiny_sd, tmp_path, metadata, text, bad_line):
+    images = tmp_path / "imgs"
+    images.mkdir()
+    (images / metadata).write_text(text)
+    msg = error_of(tiny_sd, tmp_path / "data", tmp_path / "o", "--images", str(images))
+    assert f"metadata line {bad_line} is not a record with a file_name and a text" in msg
+
+
+@pytest.mark.parametrize("flag", ["--output-dir", "--data"])
+def test_an_output_folder_that_cannot_be_written_is_refused_before_the_cache_build(tiny_sd, texts, tmp_path, flag):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")  # a folder cannot be made under a file, even by root
+    data, out = tmp_path / "data", tmp_path / "out"
+    data, out = (data, blocker / "out") if flag == "--output-dir" else (blocker / "data", out)
+    msg = error_of(tiny_sd, data, out, "--prompts", str(texts[0]))
+    assert f"{flag} {blocker}" in msg and "is not a writable folder" in msg
+    assert not (tmp_path / "data").exists()
+
+
+# -----------------------------------------------------------------------------
+# the console
+
+
+def test_each_library_warning_shows_at_most_once(tiny_sd, cache, tmp_path):
+    extra = ["--max-steps", "2", "--validate-every", "1", "--validation-steps", "2", "--lambda-feat", "0"]
+    r = subprocess.run(cmd(tiny_sd, cache, tmp_path / "o", *extra), env=ENV, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    # progress bars redraw with \r; every other line of some length is (part of) a message
+    lines = [
+        line for line in r.stderr.splitlines() if len(line.strip()) > 20 and "\r" not in line and "it/s]" not in line
+    ]
+    assert lines and len(lines) == len(set(lines)), lines
+    assert "truncated because CLIP" not in r.stderr and "Token indices sequence length" not in r.stderr
