@@ -5,6 +5,7 @@ bad inputs, 1 vs 2 processes (slow). The real torch-fidelity Inception runs in t
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -512,3 +513,35 @@ def test_one_and_two_processes_agree(tiny_sd, tmp_path, prompt_file):
     assert max(np.abs(one[k] - two[k]).max() for k in one) <= 2
     for key in ("fid", "is_mean", "clip_score"):
         assert reports[0][key] == pytest.approx(reports[1][key], rel=1e-3)
+
+
+@pytest.mark.slow
+def test_readme_offline_walkthrough_runs_as_written(tiny_sd, tmp_path):
+    """The evaluate.py section's 'Try it on the CPU' block, verbatim, on a pipeline folder shaped like the one
+    train.py's CPU walk-through saves (runs/tiny_student) and its prompt file."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## evaluate.py: FID, IS and CLIP score") :]
+    section = section[section.index("### Try it on the CPU") :]
+    block = re.sub(r"\\\n\s*", " ", re.findall(r"```bash\n(.*?)```", section, flags=re.S)[0])
+    for name in ("evaluate.py", "tests"):
+        (tmp_path / name).symlink_to(ROOT / name)
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "tiny_student").symlink_to(tiny_sd)
+    prompts = [
+        "a red cat on the sea",
+        "a blue car in the city",
+        "a small house in the forest",
+        "a white bird in the sky",
+    ]
+    (tmp_path / "runs" / "prompts.txt").write_text("".join(p + "\n" for p in prompts))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    proc = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", block], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "runs" / "eval" / "tiny_student"
+    assert list(pixels(out / "images")) == [f"{i:06d}.jpg" for i in range(4)]
+    assert all(a.shape == (32, 32, 3) for a in pixels(out / "images").values())
+    m = json.loads((out / "metrics.json").read_text())["metrics"]["all"]
+    assert m["n"] == 4 and -1 <= m["clip_score"] <= 1 and "clip_score" in m and "fid" not in m
