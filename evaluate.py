@@ -39,7 +39,7 @@ from tqdm import tqdm
 DEFAULT_CLIP = "laion/CLIP-ViT-g-14-laion2B-s34B-b88K"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 IS_SHUFFLE_SEED = 2020  # torch-fidelity's default rng_seed
-PIXEL_SETTINGS = ("model", "resolution", "steps", "guidance", "seed", "resize", "image_format")
+PIXEL_SETTINGS = ("model", "resolution", "steps", "guidance", "seed", "resize", "image_format")  # + scheduler, dtype
 
 # -----------------------------------------------------------------------------
 # config and distributed setup
@@ -71,9 +71,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--inception-weights", help="local torch-fidelity Inception file (default: download by name)")
     p.add_argument("--clip-model", default=DEFAULT_CLIP, help="transformers CLIP hub id or local folder")
     p.add_argument("--is-splits", type=int, default=10)
-    # NAME=IDS[:REF]: also score the prompts listed in file IDS (prompt ids or exact texts, one per line), with
-    # FID against REF (a .npz or a folder; default: --ref). Repeatable.
-    p.add_argument("--subset", action="append", default=[], metavar="NAME=IDS[:REF]", help="a named prompt subset")
+    # repeatable; IDS: a file of prompt ids or exact prompt texts, one per line; REF: .npz or folder (default --ref)
+    p.add_argument("--subset", action="append", metavar="NAME=IDS[:REF]", help="prompts in file IDS too; FID vs REF")
     p.add_argument("--compare", nargs="+", metavar="METRICS_JSON", help="print metrics.json files side by side, exit")
     return p.parse_args(argv)
 
@@ -221,10 +220,9 @@ def generate(args, prompts: list[str], image_dir: Path, device: torch.device):
             args.model, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False
         ).to(device)
     except Exception as e:  # a missing or broken folder, an unknown hub id
-        fail(f"cannot load pipeline {args.model} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+        fail(f"cannot load pipeline {args.model} ({type(e).__name__}: {' '.join(str(e).split())[:200]})")
     pipe.set_progress_bar_config(disable=True)
     image_dir.mkdir(parents=True, exist_ok=True)
-    # everything that changes the pixels
     settings = {k: getattr(args, k) for k in PIXEL_SETTINGS}
     settings |= {"scheduler": type(pipe.scheduler).__name__, "dtype": str(pipe.unet.dtype).removeprefix("torch.")}
     record = check_record(image_dir.parent, prompts, settings)
@@ -272,7 +270,8 @@ def load_inception(weights: str | None) -> nn.Module:
         torch.load(weights, map_location="cpu", weights_only=True)
         return FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"], weights)
     except Exception as e:
-        fail(f"cannot load Inception weights {weights or URL_INCEPTION_V3} ({type(e).__name__}: {str(e)[:150]})")
+        why = " ".join(str(e).split())[:150]  # one line
+        fail(f"cannot load Inception weights {weights or URL_INCEPTION_V3} ({type(e).__name__}: {why})")
 
 
 class ClipScorer:
@@ -293,7 +292,7 @@ class ClipScorer:
             tokenizer = AutoTokenizer.from_pretrained(name)
             proc = AutoImageProcessor.from_pretrained(name)
         except (OSError, ValueError) as e:
-            fail(f"cannot load CLIP model {name} ({str(e).splitlines()[0]}); `hf download {name}` it, or pass a folder")
+            fail(f"cannot load CLIP model {name} ({' '.join(str(e).split())[:200]}); `hf download {name}` or a folder")
         size = proc.size.get("shortest_edge") or proc.size.get("height")
         return cls(model, tokenizer, size, proc.crop_size.get("height"), proc.image_mean, proc.image_std)
 
@@ -435,10 +434,11 @@ def compare(files: list[str]):
     for file in files:
         try:
             report = json.loads(Path(file).read_text())
-            rows += [(str(report["name"]), name, {"n": m["n"], **m}) for name, m in report["metrics"].items()]
+            rows += [(str(report["name"]), name, m) for name, m in report["metrics"].items()]
+            text = table(rows)
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             fail(f"cannot read {file} as a metrics.json written by evaluate.py ({type(e).__name__}: {e})")
-    print(table(rows))
+    print(text)
 
 
 def write_json(path: Path, obj: dict):
@@ -466,7 +466,7 @@ def check_args(args) -> tuple[list[str], list[str], dict[str, tuple[list[int], s
         fail(f"--num-prompts {args.num_prompts}: give at least 1 (or leave it out for all prompts)")
     prompts = load_prompts(args.prompts)[: args.num_prompts] if args.prompts else []
     sets = {"all": (list(range(len(prompts))), args.ref)}
-    for spec in args.subset:
+    for spec in args.subset or []:
         name, ids, ref = load_subset(spec, prompts)
         if name in sets:
             fail(f"--subset {spec}: the name {name} is taken")
