@@ -84,8 +84,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     # A bad value ends in one `error:` line (0 steps would save an untrained model as if it were trained).
     for name in ["sample_steps", "samples_per_digit", "teacher_steps", "student_steps", "batch_size", "threads"]:
-        if getattr(args, name) < (name != "threads"):
-            raise SystemExit(f"error: --{name.replace('_', '-')} {getattr(args, name)} is too small")
+        least = 0 if name == "threads" else 1
+        if getattr(args, name) < least:
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be at least {least}, got {getattr(args, name)}")
     for name, available in (("cuda", torch.cuda.is_available()), ("mps", torch.backends.mps.is_available())):
         if args.device == name and not available:
             raise SystemExit(f"error: --device {name}: this torch cannot use it on this machine; use --device cpu")
@@ -181,9 +182,8 @@ class ResBlock(nn.Module):
 
 
 class UNet(nn.Module):
-    """eps-prediction UNet conditioned on (timesteps, class labels); label num_classes is the null label.
-    The 28x28 image is folded into 4 channels at 14x14 (pixel_unshuffle): ~4x cheaper on a CPU, and MNIST
-    strokes survive it. Levels 14, 7, 4; blocks down.i / mid / up.i, so teacher and student pair by name."""
+    """eps-prediction UNet on (timesteps, class labels); label num_classes is the null label. The image is folded
+    to 4 x 14 x 14 (pixel_unshuffle, ~4x cheaper); levels 14, 7, 4; blocks down.i / mid / up.i pair up by name."""
 
     def __init__(self, widths: tuple[int, ...] = (32, 64, 64), num_classes: int = 10, emb_dim: int = 64):
         super().__init__()
