@@ -34,6 +34,7 @@ import secrets
 import shutil
 import socket
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +42,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from diffusers import DDPMScheduler
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
@@ -196,10 +198,10 @@ HIDDEN = ("truncated because CLIP", "Token indices sequence length", "requires t
 
 
 def once(record: logging.LogRecord) -> bool:
-    """A logging filter: each library message at most once, and none the user cannot act on (captions
-    over 77 tokens are cut as in SD's own training; a warning per batch would say nothing new)."""
+    """A logging filter: each library message at most once, on rank 0 only, and none the user cannot act
+    on (captions over 77 tokens are cut as in SD's own training; a warning per batch says nothing new)."""
     message = record.getMessage()
-    show = message not in SEEN and not any(h in message for h in HIDDEN)
+    show = message not in SEEN and not any(h in message for h in HIDDEN) and int(os.environ.get("RANK", 0)) == 0
     SEEN.add(message)
     return show
 
@@ -208,6 +210,8 @@ def quiet_libraries() -> None:
     import diffusers
     import transformers
 
+    if int(os.environ.get("RANK", 0)) > 0:  # one console: rank 0 speaks for all
+        warnings.simplefilter("ignore")
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
     for name in ("diffusers", "transformers"):
@@ -251,10 +255,7 @@ def load_models(teacher: str, student: str, init: str | None, dtype: torch.dtype
 
     try:
         pipe = StableDiffusionPipeline.from_pretrained(
-            teacher,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
+            teacher, safety_checker=None, feature_extractor=None, requires_safety_checker=False
         )
     except (OSError, ValueError, TypeError) as e:
         fail(
@@ -733,17 +734,20 @@ def build_model(args, pipe, unet, layers: dict, latent_shape, autocast) -> Stude
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     if args.compile:
-        # Regional compilation: the hooked modules stay eager so hooks come and go freely. All blocks of a
-        # kind share one code object, and each width recompiles it: allow for that.
+        # Regional compilation: blocks that hold a hooked layer stay eager so hooks come and go freely. All
+        # blocks of a kind share one code object, and each width recompiles it: allow for that.
         from diffusers.models.attention import BasicTransformerBlock
         from diffusers.models.resnet import ResnetBlock2D
 
         cfg = torch._dynamo.config
         limit = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"  # torch < 2.6
         setattr(cfg, limit, max(getattr(cfg, limit), 64))
-        for m in list(unet.modules()) + list(pipe.unet.modules()):
-            if isinstance(m, (BasicTransformerBlock, ResnetBlock2D)):
-                m.compile()
+        for model, hooked in ((unet, layers.keys()), (pipe.unet, layers.values())):
+            for name, m in model.named_modules():
+                if isinstance(m, (BasicTransformerBlock, ResnetBlock2D)) and not any(
+                    h.startswith(name + ".") for h in hooked
+                ):
+                    m.compile()
     return Student(unet, distiller, feat=args.lambda_feat > 0, rel=args.lambda_rel > 0).to(device)
 
 
@@ -789,8 +793,6 @@ class Trainer:
         except (OSError, ValueError) as e:
             fail(f"text pool: {e}")
         print0(f"text pool: {len(pool)} prompts, each rank drawing from all of them")
-        from diffusers import DDPMScheduler
-
         self.noise_scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)  # q(x_t | x_0)
         schedule = args.rc_schedule if args.random_conditioning else "none"
         T = self.noise_scheduler.config.num_train_timesteps
