@@ -329,7 +329,10 @@ def build_student(teacher_unet: nn.Module, spec: str, init: str | None):
         cfg = student_config(teacher_unet.config, spec)
     else:
         path = Path(spec) if Path(spec).is_file() else Path(spec, "config.json")
-        cfg = json.loads(path.read_text())
+        try:
+            cfg = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            fail(f"--student {spec}: not a readable UNet config.json ({e})")
     init = init or ("teacher" if spec.startswith("bk_") else "random")
     student = UNet2DConditionModel.from_config(cfg)
     if init == "teacher":

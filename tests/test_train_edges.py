@@ -219,3 +219,10 @@ def test_each_library_warning_shows_at_most_once(tiny_sd, cache, tmp_path):
     ]
     assert lines and len(lines) == len(set(lines)), lines
     assert "truncated because CLIP" not in r.stderr and "Token indices sequence length" not in r.stderr
+
+
+def test_a_student_config_that_does_not_parse_is_refused(tiny_sd, cache, tmp_path):
+    bad = tmp_path / "config.json"
+    bad.write_text("{not json")
+    msg = error_of(tiny_sd, cache, tmp_path / "o", "--student", str(bad), "--max-steps", "1")
+    assert f"--student {bad}: not a readable UNet config.json" in msg
