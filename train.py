@@ -17,8 +17,8 @@ Two nodes of 8 GPUs (run on each node; HOST is node 0):
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 \
         --rdzv-id=rc train.py ...same flags...
 
-The file reads top to bottom: config and its checks, DDP, models, the latent cache, checkpoints,
-setup, the training step, the loop.
+The file reads top to bottom: config and its checks, DDP, teacher and students, the latent cache,
+checkpoints and export, then the Trainer: setup, one step (draw_batch, losses, step), save / load, fit.
 """
 
 import argparse
@@ -656,11 +656,12 @@ def checkpoint_problem(path: Path) -> str | None:
         return "not found"
     try:
         info = json.loads(sidecar(path).read_text())
-    except (OSError, ValueError):
+        size, digest = info["bytes"], info["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
         return f"no readable {sidecar(path).name} (its checksum) beside it"
-    if path.stat().st_size != info["bytes"]:
-        return f"{path.stat().st_size} bytes instead of {info['bytes']}, truncated"
-    if sha256_of(path) != info["sha256"]:
+    if path.stat().st_size != size:
+        return f"{path.stat().st_size} bytes instead of {size}, truncated"
+    if sha256_of(path) != digest:
         return "its bytes do not match its sha256 checksum"
     return None
 
@@ -688,8 +689,8 @@ def find_checkpoint(args, world_size: int) -> tuple[Path, list[Path]]:
     info = json.loads(sidecar(path).read_text())
     now = {"--student": args.student, "--batch-size": args.batch_size, "--total-batch-size": args.total_batch_size}
     for flag, value in (now | {"processes": world_size}).items():
-        if info[flag] != value:
-            fail(f"{path} was written with {flag} {info[flag]}, this run has {value}; resume with the same")
+        if info.get(flag) != value:
+            fail(f"{path} was written with {flag} {info.get(flag)}, this run has {value}; resume with the same")
     return path, damaged
 
 
@@ -805,7 +806,9 @@ class Trainer:
         self.student = self.model = build_model(args, self.pipe, unet, layers, latent_shape, self.autocast)
         params = [p for p in self.student.parameters() if p.requires_grad]
         fused = {"fused": True} if cuda else {"foreach": True}  # one kernel, not one per tensor
-        self.optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, **fused)
+        self.optimizer = torch.optim.AdamW(
+            params, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay, **fused
+        )
         self.scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
         self.weights = [p.detach() for p in unet.parameters()]  # views: they follow the in-place updates
         self.ema = [w.clone().float() for w in self.weights] if args.ema else None
