@@ -47,7 +47,6 @@ FEATURE_LAYERS = ["down.0", "down.1", "down.2", "up.0", "up.1", "up.2"]  # named
 QUICK = dict(teacher_widths=[8, 16, 16], student_widths=[4, 8, 8], batch_size=64, samples_per_digit=4, sample_steps=5)
 QUICK |= dict(teacher_steps=60, judge_steps=60, classifier_steps=40, student_steps=40, teacher_images=64)
 QUICK_NOTE = "--preset quick trains tiny models for a few steps to exercise the code: its accuracies mean nothing"
-Config = argparse.Namespace  # the parsed flags
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -297,7 +296,7 @@ def load_or_train(path: Path, settings: dict, model: nn.Module, train, retrain: 
     return model.eval().requires_grad_(False)
 
 
-def train_teacher(cfg: Config, teacher: UNet, x: Tensor, y: Tensor) -> None:
+def train_teacher(cfg: argparse.Namespace, teacher: UNet, x: Tensor, y: Tensor) -> None:
     g, device = torch.Generator().manual_seed(cfg.seed), next(teacher.parameters()).device
     opt = torch.optim.AdamW(teacher.parameters(), lr=2e-3, weight_decay=0.0)
     # Schedule "none": no label is swapped, only the null drop (for classifier-free guidance) applies.
@@ -342,7 +341,7 @@ def train_classifier(model: nn.Module, x: Tensor, y: Tensor | None, steps: int, 
     return model.eval().requires_grad_(False)
 
 
-def teacher_and_judge(cfg: Config, data: dict, device: torch.device, out: Path) -> tuple[UNet, nn.Module]:
+def teacher_and_judge(cfg: argparse.Namespace, data: dict, device: torch.device, out: Path) -> tuple[UNet, nn.Module]:
     """Both trained on all ten digits, or loaded from --out when saved with the same settings."""
     x, y, sig = data["x_train"], data["y_train"], dict(train=len(data["x_train"]), split=data["split"], seed=cfg.seed)
     teacher = UNet(cfg.teacher_widths).to(device, memory_format=torch.channels_last)
@@ -362,7 +361,7 @@ def accuracy(model: nn.Module, images: Tensor, labels: Tensor) -> float:
 
 # -----------------------------------------------------------------------------
 # Students: distilled side by side on the same batches, noise and timesteps
-def train_students(cfg: Config, schedules: dict, teacher: UNet, x, y, on_step=None) -> dict:
+def train_students(cfg: argparse.Namespace, schedules: dict, teacher: UNet, x, y, on_step=None) -> dict:
     """One student per {name: (schedule, lam)}: loss = lambda_out L_out + lambda_feat L_feat, on labels that
     the schedule's p(t) swapped. on_step(step, students), if given, runs after every step."""
     students, device = {}, next(teacher.parameters()).device
@@ -405,7 +404,7 @@ def train_students(cfg: Config, schedules: dict, teacher: UNet, x, y, on_step=No
 
 # -----------------------------------------------------------------------------
 # The comparison: the same noise for every model, the judge scores every sample
-def judge_samples(cfg: Config, model: UNet, judge, digits: list[int]) -> tuple[Tensor, list[float]]:
+def judge_samples(cfg: argparse.Namespace, model: UNet, judge, digits: list[int]) -> tuple[Tensor, list[float]]:
     """samples_per_digit DDIM samples of each digit (the same noise for every model), the judge's accuracy."""
     n, device = cfg.samples_per_digit, next(model.parameters()).device
     noise = torch.randn(10, n, 1, 28, 28, generator=torch.Generator().manual_seed(cfg.seed + 6))[digits].flatten(0, 1)
@@ -415,7 +414,7 @@ def judge_samples(cfg: Config, model: UNet, judge, digits: list[int]) -> tuple[T
     return samples.cpu(), acc
 
 
-def evaluate(cfg: Config, models: dict, judge, out: Path) -> dict:
+def evaluate(cfg: argparse.Namespace, models: dict, judge, out: Path) -> dict:
     """Per-digit accuracy of every model, its samples in samples_NAME.png (rows = digits), all in comparison.png."""
     results, grids = {}, {}
     for name, model in tqdm(models.items(), desc="sampling", dynamic_ncols=True):
@@ -453,7 +452,7 @@ def main(argv: list[str] | None = None) -> dict:
     clock = [time.perf_counter()]
     data = load_mnist(cfg.data_dir, cfg.seed)
     x, y = data["x_train"], data["y_train"]
-    print(f"{device}, {torch.get_num_threads()} threads; {len(x)} training images; unseen {list(cfg.unseen)}")
+    print(f"{device}, {torch.get_num_threads()} threads; {len(x)} training, {len(data['x_heldout'])} held-out images")
     clock.append(time.perf_counter())
 
     teacher, judge = teacher_and_judge(cfg, data, device, out)
@@ -480,7 +479,8 @@ def main(argv: list[str] | None = None) -> dict:
     timings["total"] = round(clock[-1] - clock[0], 1)
     report = dict(note=QUICK_NOTE if cfg.preset == "quick" else None, config=vars(cfg), unseen=list(cfg.unseen))
     report |= dict(device=str(device), threads=torch.get_num_threads(), timings_s=timings)
-    report |= dict(data=dict(train=len(x), heldout=len(data["x_heldout"]), students_train=len(x_seen)))
+    sizes = dict(train=len(x), heldout=len(data["x_heldout"]), students=len(x_seen), test_split_only=data["split"])
+    report |= dict(data=sizes)
     judge_acc = accuracy(judge, data["x_heldout"], data["y_heldout"])
     report |= dict(judge_heldout_accuracy=judge_acc, classifier_unseen_accuracy=classifier_acc, models=models)
     (out / "results.json").write_text(json.dumps(report, indent=2))
