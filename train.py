@@ -52,14 +52,10 @@ STUDENTS = ("bk_base", "bk_small", "bk_tiny", "c_base", "c_small", "c_tiny", "c_
 C_WIDTHS = {"c_base": 256, "c_small": 224, "c_tiny": 192, "c_micro": 160}  # base width, SD's is 320
 # feature-KD layers of the official trainer: C-series (same names in teacher and student) and bk_tiny
 C_LAYERS = (
-    "up_blocks.0.upsamplers.0.conv",
-    "up_blocks.1.upsamplers.0.conv",
-    "up_blocks.2.upsamplers.0.conv",
+    *[f"up_blocks.{i}.upsamplers.0.conv" for i in range(3)],
     "up_blocks.3.attentions.2.proj_out",
     "mid_block.attentions.0.proj_out",
-    "down_blocks.0.downsamplers.0.conv",
-    "down_blocks.1.downsamplers.0.conv",
-    "down_blocks.2.downsamplers.0.conv",
+    *[f"down_blocks.{i}.downsamplers.0.conv" for i in range(3)],
     "down_blocks.3.resnets.1.conv2",
 )
 BK_TINY_LAYERS = {  # student layer: teacher layer
@@ -77,6 +73,7 @@ VALIDATION_PROMPTS = [
     "a bowl of fruit on a wooden table, oil painting",
     "a cat sitting in a field of flowers",
 ]
+NO_SAFETY_CHECKER = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 # -----------------------------------------------------------------------------
 # config: one flat block; defaults are the paper's (REFERENCE.md)
@@ -93,9 +90,8 @@ def number(kind, low, high=math.inf):
     def convert(text: str):
         value = kind(text)
         if not low <= value <= high:
-            raise argparse.ArgumentTypeError(
-                f"{text} is not " + (f"in [{low}, {high}]" if high < math.inf else f"at least {low}")
-            )
+            bound = f"in [{low}, {high}]" if high < math.inf else f"at least {low}"
+            raise argparse.ArgumentTypeError(f"{text} is not {bound}")
         return value
 
     convert.__name__ = kind.__name__  # argparse's "invalid int value: 'x'"
@@ -162,11 +158,9 @@ def fail(message: str):
 
 def check_args(args, world_size: int) -> int:
     """The checks that need more than one flag, before any slow work. Returns the gradient accumulation."""
-    if args.total_batch_size % (args.batch_size * world_size):
-        fail(
-            f"--total-batch-size {args.total_batch_size} is not a multiple of --batch-size "
-            f"{args.batch_size} x {world_size} processes; change one of them"
-        )
+    per_step = args.batch_size * world_size
+    if args.total_batch_size % per_step:
+        fail(f"--total-batch-size {args.total_batch_size} is not a multiple of --batch-size x processes = {per_step}")
     if args.student not in STUDENTS and not Path(args.student).exists():
         fail(f"unknown --student {args.student!r}; use one of {', '.join(STUDENTS)} or a path to a UNet config.json")
     try:  # each pool file on its own, now: an empty or wrong one would otherwise surface after the cache build
@@ -175,7 +169,7 @@ def check_args(args, world_size: int) -> int:
     except (OSError, ValueError) as e:
         fail(f"--text-pool: {e}")
     writable(Path(args.output_dir), "--output-dir")
-    return args.total_batch_size // (args.batch_size * world_size)
+    return args.total_batch_size // per_step
 
 
 def writable(folder: Path, flag: str) -> None:
@@ -193,13 +187,13 @@ def unique_suffix() -> str:
     return f"{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(4)}"
 
 
-SEEN = set()
+# captions over 77 tokens are cut as in SD's own training; the rest the user cannot act on either
 HIDDEN = ("truncated because CLIP", "Token indices sequence length", "requires torchvision", "kept in float32")
+SEEN = set()
 
 
 def once(record: logging.LogRecord) -> bool:
-    """A logging filter: each library message at most once, on rank 0 only, and none the user cannot act
-    on (captions over 77 tokens are cut as in SD's own training; a warning per batch says nothing new)."""
+    """A logging filter: each library message at most once, on rank 0 only, and none in HIDDEN."""
     message = record.getMessage()
     show = message not in SEEN and not any(h in message for h in HIDDEN) and int(os.environ.get("RANK", 0)) == 0
     SEEN.add(message)
@@ -212,11 +206,10 @@ def quiet_libraries() -> None:
 
     if int(os.environ.get("RANK", 0)) > 0:  # one console: rank 0 speaks for all
         warnings.simplefilter("ignore")
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.disable_progress_bar()
-    for name in ("diffusers", "transformers"):
-        for handler in logging.getLogger(name).handlers:
-            handler.addFilter(once)
+    for library in (diffusers, transformers):
+        library.utils.logging.disable_progress_bar()
+        for handler in logging.getLogger(library.__name__).handlers:
+            handler.addFilter(once)  # added once however often this runs
 
 
 # -----------------------------------------------------------------------------
@@ -224,15 +217,12 @@ def quiet_libraries() -> None:
 
 
 def setup_ddp() -> tuple[bool, int, int, int, torch.device]:
-    ddp = int(os.environ.get("RANK", -1)) != -1
-    if not ddp:
+    if "RANK" not in os.environ:
         return False, 0, 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rank, local_rank, world_size = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
         torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
     # Building the cache makes ranks wait on each other for up to one shard; allow that, not forever.
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=2))
     return True, rank, local_rank, world_size, device
@@ -254,14 +244,10 @@ def load_models(teacher: str, student: str, init: str | None, dtype: torch.dtype
     from diffusers import PNDMScheduler, StableDiffusionPipeline
 
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(
-            teacher, safety_checker=None, feature_extractor=None, requires_safety_checker=False
-        )
+        pipe = StableDiffusionPipeline.from_pretrained(teacher, **NO_SAFETY_CHECKER)
     except (OSError, ValueError, TypeError) as e:
-        fail(
-            f"--teacher {teacher} is not a loadable diffusers Stable Diffusion pipeline (unet, vae, text_encoder, "
-            f"tokenizer, scheduler): {str(e).strip().splitlines()[0]}"
-        )
+        parts = "unet, vae, text_encoder, tokenizer, scheduler"
+        fail(f"--teacher {teacher} is not a loadable diffusers Stable Diffusion pipeline ({parts}): {first_line(e)}")
     pipe.scheduler = PNDMScheduler.from_config(pipe.scheduler.config)  # the paper's sampler, for cache and grids
     pipe.set_progress_bar_config(disable=True)
     unet, layers = build_student(pipe.unet, student, init)
@@ -270,15 +256,8 @@ def load_models(teacher: str, student: str, init: str | None, dtype: torch.dtype
     return pipe, unet.to(device), layers
 
 
-PER_BLOCK_KEYS = (
-    "attention_head_dim",
-    "num_attention_heads",
-    "cross_attention_dim",
-    "transformer_layers_per_block",
-    "reverse_transformer_layers_per_block",
-    "only_cross_attention",
-    "layers_per_block",
-)
+def first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0]
 
 
 def student_config(teacher_config: dict, name: str) -> dict:
@@ -289,14 +268,14 @@ def student_config(teacher_config: dict, name: str) -> dict:
         cfg["layers_per_block"] = 1  # one resnet (+ attention) per stage instead of two
         if name in ("bk_small", "bk_tiny"):
             cfg["mid_block_type"] = None
-        if name == "bk_tiny":  # drop the innermost down stage and the outermost up stage
+        if name == "bk_tiny":  # drop the lowest-resolution stage: the last down stage, the first up stage
             cfg["down_block_types"] = list(cfg["down_block_types"])[:-1]
             cfg["up_block_types"] = list(cfg["up_block_types"])[1:]
-            # per-stage lists are indexed by down stage (up stages read them reversed), so dropping the
-            # last entry keeps every surviving stage's settings
-            for key in ("block_out_channels",) + PER_BLOCK_KEYS:
-                if isinstance(cfg.get(key), (list, tuple)) and len(cfg[key]) == n_blocks:
-                    cfg[key] = list(cfg[key])[:-1]
+            # the other per-stage lists are indexed by down stage (up stages read them reversed), so
+            # dropping the last entry keeps every surviving stage's settings
+            for key, value in cfg.items():
+                if isinstance(value, (list, tuple)) and len(value) == n_blocks:
+                    cfg[key] = list(value)[:-1]
     elif name in C_WIDTHS:
         scale, groups = C_WIDTHS[name] / 320, cfg["norm_num_groups"]
         widths = [max(groups, round(c * scale / groups) * groups) for c in cfg["block_out_channels"]]
@@ -314,7 +293,7 @@ def teacher_name(student_param: str, student: str) -> str:
     """The teacher parameter a block-pruned student parameter is copied from (BK-SDM's mapping)."""
     parts = student_param.split(".")
     if parts[0] == "up_blocks":
-        if student == "bk_tiny":  # the outermost up stage is gone: student stage k is teacher stage k+1
+        if student == "bk_tiny":  # the first up stage is gone: student stage k is teacher stage k+1
             parts[1] = str(int(parts[1]) + 1)
         if parts[2] in ("resnets", "attentions") and parts[3] == "1":  # up stages keep layers 0 and 2
             parts[3] = "2"
@@ -383,6 +362,40 @@ class Student(nn.Module):
         return model_pred, loss_kd_feat, loss_rel
 
 
+def build_model(args, pipe, unet, layers: dict, latent_shape, autocast) -> Student:
+    """The student UNet with its feature distiller (probed once, so its 1x1 projections exist)."""
+    print0(f"teacher UNet {n_params(pipe.unet)} params, student {args.student} {n_params(unet)}")
+    distiller, device = None, unet.device
+    if args.lambda_feat > 0 or args.lambda_rel > 0:
+        x = torch.zeros(1, *latent_shape, device=device)
+        ehs = torch.zeros(1, pipe.tokenizer.model_max_length, pipe.text_encoder.config.hidden_size, device=device)
+        try:
+            distiller = FeatureDistiller(pipe.unet, unet, layers)
+            if args.lambda_feat > 0:  # a projection wherever student and teacher widths differ
+                with autocast:
+                    distiller.probe(x, torch.tensor([1], device=device), ehs)
+        except ValueError as e:
+            fail(f"feature KD layers do not match: {e}; set --lambda-feat 0 --lambda-rel 0")
+        print0(f"feature KD on {len(layers)} layers, {len(distiller.proj)} projections ({n_params(distiller)})")
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    if args.compile:
+        # Regional compilation: blocks that hold a hooked layer stay eager so hooks come and go freely. All
+        # blocks of a kind share one code object, and each width recompiles it: allow for that.
+        from diffusers.models.attention import BasicTransformerBlock
+        from diffusers.models.resnet import ResnetBlock2D
+
+        cfg = torch._dynamo.config
+        limit = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"  # torch < 2.6
+        setattr(cfg, limit, max(getattr(cfg, limit), 64))
+        for model, hooked in ((unet, layers.keys()), (pipe.unet, layers.values())):
+            for name, m in model.named_modules():
+                holds_hook = any(h.startswith(name + ".") for h in hooked)
+                if isinstance(m, (BasicTransformerBlock, ResnetBlock2D)) and not holds_hook:
+                    m.compile()
+    return Student(unet, distiller, feat=args.lambda_feat > 0, rel=args.lambda_rel > 0).to(device)
+
+
 def n_params(m: nn.Module) -> str:
     return f"{sum(p.numel() for p in m.parameters()) / 1e6:.1f}M"
 
@@ -391,20 +404,19 @@ def n_params(m: nn.Module) -> str:
 # paired data: latents in a few large .npy shards (memory-mapped) + captions, built when missing
 
 
-def read_lines(path: str, flag: str = "--prompts") -> list[str]:
+def read_lines(path: str) -> list[str]:
     """Non-blank lines, split on newlines only (U+2028 inside a web caption is not a line break)."""
     try:
         raw = Path(path).read_bytes()
-    except OSError as e:
-        fail(f"{flag} {path}: {e.strerror or e}")
-    try:
         text = raw.decode("utf-8")
+    except OSError as e:
+        fail(f"--prompts {path}: {e.strerror or e}")
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
-        fail(f"{flag} {path}: line {line} is not UTF-8; convert the file (e.g. iconv -t UTF-8)")
+        fail(f"--prompts {path}: line {line} is not UTF-8; convert the file (e.g. iconv -t UTF-8)")
     lines = [line.strip() for line in text.split("\n") if line.strip()]
     if not lines:
-        fail(f"{flag} {path} has no prompt (one per line)")
+        fail(f"--prompts {path} has no prompt (one per line)")
     return lines
 
 
@@ -453,29 +465,67 @@ def cache_source(args) -> tuple[str, list] | None:
     return source
 
 
-def recipe(args, kind: str, items: list, resolution: int) -> dict:
-    """What the cached latents are a function of; meta.json records it."""
-    digest = hashlib.sha256(json.dumps(items).encode()).hexdigest()
-    made = {"source": kind, "list_sha256": digest, "teacher": args.teacher, "resolution": resolution}
-    made["shard_size"] = args.shard_size
-    if kind == "prompts":
-        made |= {"gen_steps": args.gen_steps, "gen_guidance": args.gen_guidance, "seed": args.seed}
-    return made
-
-
-def atomic_save(path: Path, write) -> None:
-    """write(tmp_path), flush it to disk, then rename over path: a crash leaves the old file or the
-    new one, never half of one."""
+def atomic_save(path: Path, content) -> None:
+    """content (text, or a function that writes to a binary file) goes to a temporary file, flushed to disk,
+    then renamed over path: a crash leaves the old file or the new one, never half of one."""
     tmp = path.with_name(f"{path.name}.{unique_suffix()}.tmp")
-    write(tmp)
-    with open(tmp, "rb+") as f:
+    with open(tmp, "wb") as f:
+        if isinstance(content, str):
+            f.write(content.encode())
+        else:
+            content(f)
+        f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
-def save_npy(path: Path, array: np.ndarray) -> None:
-    with open(path, "wb") as f:  # np.save(path) would append ".npy" to the .tmp name
-        np.save(f, array)
+def open_cache(args, source, pipe, resolution: int, latent_shape: tuple, rank: int, world_size: int) -> "LatentCache":
+    """Refuse a cache made from another list; build it when missing, as shards latents-XXXXX.npy +
+    captions-XXXXX.json split across ranks (finished shards are kept, so a build resumes); open it."""
+    data = Path(args.data)
+    if source is not None:
+        kind, items = source
+        digest = hashlib.sha256(json.dumps(items).encode()).hexdigest()
+        made = {"source": kind, "list_sha256": digest, "teacher": args.teacher, "resolution": resolution}
+        made["shard_size"] = args.shard_size
+        if kind == "prompts":  # what the cached latents are a function of
+            made |= {"gen_steps": args.gen_steps, "gen_guidance": args.gen_guidance, "seed": args.seed}
+        done = (data / "meta.json").is_file()
+        record = data / ("meta.json" if done else "build.json")  # build.json: written when a build starts
+        have = json.loads(record.read_text()) if record.is_file() else made
+        differ = [k for k, v in made.items() if k != "source" and have.get(k) != v]
+        if differ:
+            flags = ", ".join("--prompts/--images list" if k == "list_sha256" else f"--{k}" for k in differ)
+            todo = "drop --prompts/--images to train on it as it is" if done else "delete it"
+            fail(f"cache {data} was made with a different {flags.replace('_', '-')}; {todo}, or use a new --data")
+        if not done:
+            captions = items if kind == "prompts" else [c for _, c in items]
+            if rank == 0 and not (data / "build.json").is_file():
+                atomic_save(data / "build.json", json.dumps(made, indent=1))
+            n_shards = math.ceil(len(items) / args.shard_size)
+            mine = [k for k in range(rank, n_shards, world_size) if not (data / f"latents-{k:05d}.npy").is_file()]
+            print0(f"latent cache: {len(items)} {kind}, {n_shards} shards, {len(mine)} to build on rank 0")
+            for k in tqdm(mine, desc="cache", disable=rank != 0):
+                lo, hi = k * args.shard_size, min(len(items), (k + 1) * args.shard_size)
+                latents = encode_shard(items[lo:hi], kind, pipe, args, resolution, lo)
+                atomic_save(data / f"captions-{k:05d}.json", json.dumps(captions[lo:hi]))
+                atomic_save(data / f"latents-{k:05d}.npy", lambda f, latents=latents: np.save(f, latents))
+            if dist.is_initialized():
+                dist.barrier()  # every shard is on disk
+            if rank == 0:
+                # the paired captions join the text pool as published: one per line, newlines flattened
+                atomic_save(data / "captions.txt", "".join(" ".join(c.split()) + "\n" for c in captions))
+                shape = {"num_samples": len(items), "num_shards": n_shards, "latent_shape": list(latent_shape)}
+                atomic_save(data / "meta.json", json.dumps(made | shape, indent=1))
+            if dist.is_initialized():
+                dist.barrier()
+    cache = LatentCache(data)
+    if tuple(cache.meta["latent_shape"]) != latent_shape:
+        have = f"cache {data} holds latents of shape {tuple(cache.meta['latent_shape'])}"
+        fix = f"set --resolution {cache.meta['resolution']} or use a new --data"
+        fail(f"{have}, the teacher at {resolution}px needs {latent_shape}; {fix}")
+    print0(f"paired data: {len(cache)} cached latents {latent_shape} from {cache.meta['source']}")
+    return cache
 
 
 @torch.no_grad()
@@ -484,20 +534,14 @@ def encode_shard(items, kind, pipe, args, resolution, start: int) -> np.ndarray:
     from PIL import Image
 
     device, dtype, out = pipe.unet.device, pipe.unet.dtype, []
+    sampling = dict(height=resolution, width=resolution, num_inference_steps=args.gen_steps)
     for i in range(0, len(items), args.batch_size):
         batch = items[i : i + args.batch_size]
         if kind == "prompts":
             # one fixed seed per prompt (seed + its index), so the cache does not depend on sharding
             gens = [torch.Generator(device).manual_seed(args.seed + start + i + j) for j in range(len(batch))]
-            latents = pipe(
-                batch,
-                height=resolution,
-                width=resolution,
-                num_inference_steps=args.gen_steps,
-                guidance_scale=args.gen_guidance,
-                generator=gens,
-                output_type="latent",
-            ).images
+            sample = pipe(batch, **sampling, guidance_scale=args.gen_guidance, generator=gens, output_type="latent")
+            latents = sample.images
         else:
             pixels = []
             for file, _ in batch:
@@ -513,67 +557,15 @@ def encode_shard(items, kind, pipe, args, resolution, start: int) -> np.ndarray:
     return np.concatenate(out)
 
 
-def open_cache(args, source, pipe, resolution, latent_shape, ddp, rank, world_size) -> "LatentCache":
-    """Refuse a cache made from another list, build it when missing, open it."""
-    data = Path(args.data)
-    if source is not None:
-        made = recipe(args, *source, resolution)
-        done = (data / "meta.json").is_file()
-        record = data / ("meta.json" if done else "build.json")  # build.json: written when a build starts
-        have = json.loads(record.read_text()) if record.is_file() else made
-        differ = [k for k, v in made.items() if k != "source" and have.get(k) != v]
-        if differ:
-            flags = ", ".join("--prompts/--images list" if k == "list_sha256" else f"--{k}" for k in differ)
-            todo = "drop --prompts/--images to train on it as it is" if done else "delete it"
-            fail(f"cache {data} was made with a different {flags.replace('_', '-')}; {todo}, or use a new --data")
-        if not done:
-            build_cache(args, source, made, pipe, resolution, latent_shape, ddp, rank, world_size)
-    cache = LatentCache(data)
-    if tuple(cache.meta["latent_shape"]) != latent_shape:
-        fail(
-            f"cache {data} holds latents of shape {tuple(cache.meta['latent_shape'])}, the teacher at "
-            f"{resolution}px needs {latent_shape}; set --resolution {cache.meta['resolution']} or use a new --data"
-        )
-    print0(f"paired data: {len(cache)} cached latents {latent_shape} from {cache.meta['source']}")
-    return cache
-
-
-def build_cache(args, source, made, pipe, resolution, latent_shape, ddp, rank, world_size) -> None:
-    """Fill args.data with shards latents-XXXXX.npy + captions-XXXXX.json, split across ranks by shard.
-    Finished shards are kept, so an interrupted build resumes; meta.json is written last."""
-    data, (kind, items) = Path(args.data), source
-    captions = items if kind == "prompts" else [c for _, c in items]
-    if rank == 0 and not (data / "build.json").is_file():
-        atomic_save(data / "build.json", lambda p: p.write_text(json.dumps(made, indent=1)))
-    n_shards = math.ceil(len(items) / args.shard_size)
-    mine = [k for k in range(rank, n_shards, world_size) if not (data / f"latents-{k:05d}.npy").is_file()]
-    print0(f"latent cache: {len(items)} {kind}, {n_shards} shards, {len(mine)} to build on rank 0")
-    for k in tqdm(mine, desc="cache", disable=rank != 0):
-        lo, hi = k * args.shard_size, min(len(items), (k + 1) * args.shard_size)
-        latents = encode_shard(items[lo:hi], kind, pipe, args, resolution, lo)
-        shard = json.dumps(captions[lo:hi])
-        atomic_save(data / f"captions-{k:05d}.json", lambda p, shard=shard: p.write_text(shard))
-        atomic_save(data / f"latents-{k:05d}.npy", lambda p, latents=latents: save_npy(p, latents))
-    if ddp:
-        dist.barrier()  # every shard is on disk
-    if rank == 0:
-        # the paired captions join the text pool as published: one per line, newlines flattened
-        lines = "".join(" ".join(c.split()) + "\n" for c in captions)
-        atomic_save(data / "captions.txt", lambda p: p.write_text(lines, encoding="utf-8"))
-        meta = {**made, "num_samples": len(items), "num_shards": n_shards, "latent_shape": list(latent_shape)}
-        atomic_save(data / "meta.json", lambda p: p.write_text(json.dumps(meta, indent=1)))
-    if ddp:
-        dist.barrier()
-
-
 class LatentCache:
     """Memory-mapped latents and their captions; a batch is one fancy-indexed read per shard."""
 
     def __init__(self, data: Path):
+        rebuild = "rerun with the same --prompts/--images to rebuild it"
         try:
             self.meta = json.loads((data / "meta.json").read_text())
         except (OSError, ValueError) as e:
-            fail(f"cache {data}: meta.json is unreadable ({e}); delete it and rerun with --prompts/--images")
+            fail(f"cache {data}: meta.json is unreadable ({e}); delete it and {rebuild}")
         self.latents, self.captions = [], []
         for k in range(self.meta["num_shards"]):
             try:
@@ -582,10 +574,8 @@ class LatentCache:
                 if len(latents) != len(captions):
                     raise ValueError(f"{len(latents)} latents for {len(captions)} captions")
             except (OSError, ValueError) as e:
-                fail(
-                    f"cache {data}: shard {k} is missing or damaged ({str(e).splitlines()[0]}); delete "
-                    f"latents-{k:05d}.npy and meta.json, then rerun with the same --prompts/--images to rebuild it"
-                )
+                problem = f"shard {k} is missing or damaged ({first_line(e)})"
+                fail(f"cache {data}: {problem}; delete latents-{k:05d}.npy and meta.json, then {rebuild}")
             self.latents.append(latents)
             self.captions += captions
         self.starts = np.cumsum([0] + [len(x) for x in self.latents])
@@ -638,38 +628,32 @@ def draw_generator(seed: int, rank: int, world_size: int, micro_step: int) -> to
 # checkpoints, validation, export
 
 
-def sidecar(path: Path) -> Path:
-    return path.with_name(path.name + ".json")
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def checkpoint_problem(path: Path) -> str | None:
     """Why a checkpoint cannot be trusted, or None: its bytes must match the checksum written beside it."""
     if not path.is_file():
         return "not found"
     try:
-        info = json.loads(sidecar(path).read_text())
+        info = json.loads(Path(f"{path}.json").read_text())
         size, digest = info["bytes"], info["sha256"]
     except (OSError, ValueError, KeyError, TypeError):
-        return f"no readable {sidecar(path).name} (its checksum) beside it"
+        return f"no readable {path.name}.json (its checksum) beside it"
     if path.stat().st_size != size:
         return f"{path.stat().st_size} bytes instead of {size}, truncated"
-    if sha256_of(path) != digest:
-        return "its bytes do not match its sha256 checksum"
+    with open(path, "rb") as f:
+        if hashlib.file_digest(f, "sha256").hexdigest() != digest:
+            return "its bytes do not match its sha256 checksum"
     return None
 
 
+def run_identity(args, world_size: int) -> dict:
+    """What a checkpoint records and its resume must share: another split of the batch draws other samples."""
+    flags = {"--student": args.student, "--batch-size": args.batch_size, "--total-batch-size": args.total_batch_size}
+    return flags | {"processes": world_size}
+
+
 def find_checkpoint(args, world_size: int) -> tuple[Path, list[Path]]:
-    """The checkpoint to resume from: the named file, or the newest intact one in --output-dir (a damaged
-    newer one is named and skipped, never trained on). Checked against this run's flags. Returns it and
-    the damaged ones."""
+    """The named checkpoint, or the newest intact one in --output-dir (a damaged newer one is named and
+    skipped, never trained on), written by a run like this one. Returns it and the damaged ones."""
     folder = Path(args.output_dir) / "checkpoints"
     named = args.resume != "latest"
     candidates = [Path(args.resume)] if named else sorted(folder.glob("step-*.pt"), reverse=True)
@@ -686,11 +670,10 @@ def find_checkpoint(args, world_size: int) -> tuple[Path, list[Path]]:
         damaged.append(path)
     else:
         fail(f"--resume: none of the {len(damaged)} checkpoints in {folder} is intact; start a new --output-dir")
-    info = json.loads(sidecar(path).read_text())
-    now = {"--student": args.student, "--batch-size": args.batch_size, "--total-batch-size": args.total_batch_size}
-    for flag, value in (now | {"processes": world_size}).items():
-        if info.get(flag) != value:
-            fail(f"{path} was written with {flag} {info.get(flag)}, this run has {value}; resume with the same")
+    written = json.loads(Path(f"{path}.json").read_text())
+    for flag, value in run_identity(args, world_size).items():
+        if written.get(flag) != value:
+            fail(f"{path} was written with {flag} {written.get(flag)}, this run has {value}; resume with the same")
     return path, damaged
 
 
@@ -709,50 +692,13 @@ def export(unet, ema_params, args, out: Path) -> None:
         final.save_pretrained(tmp / "unet_no_ema")
         for p, e in zip(final.parameters(), ema_params):
             p.data.copy_(e)
-    StableDiffusionPipeline.from_pretrained(
-        args.teacher, unet=final, safety_checker=None, feature_extractor=None, requires_safety_checker=False
-    ).save_pretrained(tmp)
+    StableDiffusionPipeline.from_pretrained(args.teacher, unet=final, **NO_SAFETY_CHECKER).save_pretrained(tmp)
     for item in sorted(tmp.iterdir()):
         target = out / item.name
         if target.is_dir():
             shutil.rmtree(target)
         os.replace(item, target)
     tmp.rmdir()
-
-
-def build_model(args, pipe, unet, layers: dict, latent_shape, autocast) -> Student:
-    """The student UNet with its feature distiller (probed once, so its 1x1 projections exist)."""
-    print0(f"teacher UNet {n_params(pipe.unet)} params, student {args.student} {n_params(unet)}")
-    distiller, device = None, unet.device
-    if args.lambda_feat > 0 or args.lambda_rel > 0:
-        x = torch.zeros(1, *latent_shape, device=device)
-        ehs = torch.zeros(1, pipe.tokenizer.model_max_length, pipe.text_encoder.config.hidden_size, device=device)
-        try:
-            distiller = FeatureDistiller(pipe.unet, unet, layers)
-            if args.lambda_feat > 0:  # a projection wherever student and teacher widths differ
-                with autocast:
-                    distiller.probe(x, torch.tensor([1], device=device), ehs)
-        except ValueError as e:
-            fail(f"feature KD layers do not match: {e}; set --lambda-feat 0 --lambda-rel 0")
-        print0(f"feature KD on {len(layers)} layers, {len(distiller.proj)} projections ({n_params(distiller)})")
-    if args.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    if args.compile:
-        # Regional compilation: blocks that hold a hooked layer stay eager so hooks come and go freely. All
-        # blocks of a kind share one code object, and each width recompiles it: allow for that.
-        from diffusers.models.attention import BasicTransformerBlock
-        from diffusers.models.resnet import ResnetBlock2D
-
-        cfg = torch._dynamo.config
-        limit = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"  # torch < 2.6
-        setattr(cfg, limit, max(getattr(cfg, limit), 64))
-        for model, hooked in ((unet, layers.keys()), (pipe.unet, layers.values())):
-            for name, m in model.named_modules():
-                if isinstance(m, (BasicTransformerBlock, ResnetBlock2D)) and not any(
-                    h.startswith(name + ".") for h in hooked
-                ):
-                    m.compile()
-    return Student(unet, distiller, feat=args.lambda_feat > 0, rel=args.lambda_rel > 0).to(device)
 
 
 def lr_at(args, step: int) -> float:
@@ -788,7 +734,7 @@ class Trainer:
         if self.resolution % multiple:
             fail(f"--resolution {self.resolution} must be a multiple of {multiple}")
         latent_shape = (self.pipe.unet.config.in_channels, self.resolution // vae_scale, self.resolution // vae_scale)
-        self.cache = open_cache(args, source, self.pipe, self.resolution, latent_shape, ddp, rank, world_size)
+        self.cache = open_cache(args, source, self.pipe, self.resolution, latent_shape, rank, world_size)
         if args.max_steps == 0:
             return  # the cache is built: nothing to train
         self.sampler = ShardedSampler(len(self.cache), args.batch_size, rank, world_size, args.seed)
@@ -805,10 +751,9 @@ class Trainer:
         # --- student, optimizer, EMA, resume, DDP
         self.student = self.model = build_model(args, self.pipe, unet, layers, latent_shape, self.autocast)
         params = [p for p in self.student.parameters() if p.requires_grad]
-        fused = {"fused": True} if cuda else {"foreach": True}  # one kernel, not one per tensor
-        self.optimizer = torch.optim.AdamW(
-            params, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay, **fused
-        )
+        kernel = {"fused": True} if cuda else {"foreach": True}  # one kernel, not one per tensor
+        adamw = dict(lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
+        self.optimizer = torch.optim.AdamW(params, **adamw, **kernel)
         self.scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
         self.weights = [p.detach() for p in unet.parameters()]  # views: they follow the in-place updates
         self.ema = [w.clone().float() for w in self.weights] if args.ema else None
@@ -819,10 +764,8 @@ class Trainer:
             self.model = DDP(self.student, device_ids=[device.index] if cuda else None)
         if rank == 0:
             (self.out / "args.json").write_text(json.dumps(vars(args), indent=1))
-        print0(
-            f"{world_size} processes x batch {args.batch_size} x {self.grad_accum} accumulation = "
-            f"{args.total_batch_size} per step, {args.max_steps} steps on {device.type}, autocast {dtype}"
-        )
+        batch = f"{world_size} processes x batch {args.batch_size} x {self.grad_accum} accumulation"
+        print0(f"{batch} = {args.total_batch_size} per step, {args.max_steps} steps on {device.type}, autocast {dtype}")
 
     def draw_batch(self, micro_step: int) -> dict:
         """Everything random in one micro-step, on the CPU, from this (rank, micro-step)'s own stream."""
@@ -858,14 +801,11 @@ class Trainer:
                 target = self.noise_scheduler.get_velocity(latents.float(), noise, timesteps)
             per_sample = F.mse_loss(model_pred.float(), target, reduction="none").mean(dim=(1, 2, 3))
             loss_task = (per_sample * paired).sum() / paired.sum().clamp(min=1)
-        terms = {"loss_kd_out": loss_kd_out, "loss_kd_feat": loss_kd_feat, "loss_task": loss_task, "loss_rel": loss_rel}
-        loss = (
-            args.lambda_out * loss_kd_out
-            + args.lambda_feat * loss_kd_feat
-            + args.lambda_task * loss_task
-            + args.lambda_rel * loss_rel
+        loss = args.lambda_out * loss_kd_out + args.lambda_feat * loss_kd_feat
+        loss = loss + args.lambda_task * loss_task + args.lambda_rel * loss_rel
+        return dict(
+            loss=loss, loss_kd_out=loss_kd_out, loss_kd_feat=loss_kd_feat, loss_task=loss_task, loss_rel=loss_rel
         )
-        return {"loss": loss, **terms}
 
     def step(self) -> tuple[torch.Tensor, float]:
         """One optimizer step over grad_accum micro-steps: (the LOGGED values, averaged; the grad norm)."""
@@ -901,10 +841,8 @@ class Trainer:
         vals = dict(zip(LOGGED, (logged / (n_steps * self.world_size)).tolist()))
         if not all(math.isfinite(v) for v in vals.values()):
             bar.close()
-            fail(
-                f"loss is {vals['loss']} at step {step}; lower --lr or use --mixed-precision bf16 "
-                f"(checkpoints up to step {step - n_steps} are intact)"
-            )
+            fix = "lower --lr or use --mixed-precision bf16"
+            fail(f"loss is {vals['loss']} at step {step}; {fix} (checkpoints up to step {step - n_steps} are intact)")
         dt = seconds / n_steps
         rec = {"step": step, **vals, "lr": lr_at(self.args, step - 1), "grad_norm": grad_norm, "step_time": dt}
         rec["samples_per_s"] = self.args.total_batch_size / dt
@@ -918,29 +856,19 @@ class Trainer:
         """step-XXXXXXX.pt and its checksum beside it; then the oldest intact ones beyond --keep-checkpoints
         go (a damaged one is neither kept nor counted, so the newest intact one always stays)."""
         args, step, folder = self.args, self.step_count, self.out / "checkpoints"
-        state = {
-            "step": step,
-            "model": self.student.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "ema": self.ema,
-            "args": vars(args),
-        }
+        state = {"step": step, "model": self.student.state_dict(), "optimizer": self.optimizer.state_dict()}
+        state |= {"scaler": self.scaler.state_dict(), "ema": self.ema, "args": vars(args)}
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"step-{step:07d}.pt"
-        atomic_save(path, lambda p: torch.save(state, p))
-        info = {"step": step, "sha256": sha256_of(path), "bytes": path.stat().st_size, "processes": self.world_size}
-        info |= {
-            "--student": args.student,
-            "--batch-size": args.batch_size,
-            "--total-batch-size": args.total_batch_size,
-        }
-        atomic_save(sidecar(path), lambda p: p.write_text(json.dumps(info, indent=1)))
-        older = [
-            c for c in sorted(folder.glob("step-*.pt")) if c != path and c not in self.damaged and sidecar(c).is_file()
-        ]
+        atomic_save(path, lambda f: torch.save(state, f))
+        with open(path, "rb") as f:
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
+        info = {"step": step, "sha256": digest, "bytes": path.stat().st_size, **run_identity(args, self.world_size)}
+        atomic_save(Path(f"{path}.json"), json.dumps(info, indent=1))
+        intact = [c for c in sorted(folder.glob("step-*.pt")) if c not in self.damaged and Path(f"{c}.json").is_file()]
+        older = [c for c in intact if c != path]
         for old in older[: max(0, len(older) - (args.keep_checkpoints - 1))]:
-            sidecar(old).unlink()
+            Path(f"{old}.json").unlink()
             old.unlink()
 
     def load(self, path: Path) -> None:
@@ -951,9 +879,7 @@ class Trainer:
             self.student.load_state_dict(ckpt["model"])
             self.optimizer.load_state_dict(ckpt["optimizer"])
         except (RuntimeError, ValueError, KeyError) as e:
-            fail(
-                f"{path} does not fit this model ({str(e).splitlines()[0]}); resume with the flags it was written with"
-            )
+            fail(f"{path} does not fit this model ({first_line(e)}); resume with the flags it was written with")
         self.scaler.load_state_dict(ckpt["scaler"])
         if self.ema is not None:  # a run that had no EMA starts one from the resumed weights
             self.ema = [e.to(self.device) for e in ckpt["ema"]] if ckpt["ema"] else [w.clone() for w in self.weights]
@@ -965,7 +891,7 @@ class Trainer:
                 with contextlib.suppress(ValueError):  # a line cut by a kill
                     if json.loads(line)["step"] <= self.step_count:
                         kept.append(line + "\n")
-            atomic_save(log, lambda p: p.write_text("".join(kept)))
+            atomic_save(log, "".join(kept))
         print0(f"resumed from {path} at step {self.step_count}")
 
     @torch.no_grad()
@@ -975,32 +901,23 @@ class Trainer:
         from PIL import Image
 
         pipe = StableDiffusionPipeline(
-            **{**self.pipe.components, "unet": self.student.unet}, requires_safety_checker=False
+            **self.pipe.components | {"unet": self.student.unet}, requires_safety_checker=False
         )
         pipe.set_progress_bar_config(disable=True)
         gens = [torch.Generator(self.device).manual_seed(self.args.seed + i) for i in range(len(VALIDATION_PROMPTS))]
-        size = self.resolution
+        sampling = dict(height=self.resolution, width=self.resolution, num_inference_steps=self.args.validation_steps)
         with self.autocast:
-            images = pipe(
-                VALIDATION_PROMPTS,
-                height=size,
-                width=size,
-                num_inference_steps=self.args.validation_steps,
-                generator=gens,
-                output_type="np",
-            ).images  # (N, H, W, 3) in [0, 1]
-        grid = (np.concatenate(list(images), axis=1) * 255).round().astype(np.uint8)
+            images = pipe(VALIDATION_PROMPTS, **sampling, generator=gens, output_type="np").images  # (N, H, W, 3)
+        grid = (np.concatenate(list(images), axis=1) * 255).round().astype(np.uint8)  # [0, 1] to a row of images
         path = self.out / "samples" / f"step-{self.step_count:07d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_save(path, lambda p: Image.fromarray(grid).save(p, format="PNG"))
+        atomic_save(path, lambda f: Image.fromarray(grid).save(f, format="PNG"))
 
     def fit(self) -> None:
         args = self.args
         logged = torch.zeros(len(LOGGED), device=self.device)
         t_last, since = time.time(), 0
-        bar = tqdm(
-            total=args.max_steps, initial=self.step_count, desc="train", disable=self.rank != 0, dynamic_ncols=True
-        )
+        bar = tqdm(total=args.max_steps, initial=self.step_count, desc="train", disable=self.rank != 0)
         while self.step_count < args.max_steps:
             values, grad_norm = self.step()
             logged += values
