@@ -30,7 +30,6 @@ import json
 import logging
 import math
 import os
-import secrets
 import shutil
 import socket
 import time
@@ -156,8 +155,9 @@ def fail(message: str):
     raise SystemExit(f"error: {message}")
 
 
-def check_args(args, world_size: int) -> int:
-    """The checks that need more than one flag, before any slow work. Returns the gradient accumulation."""
+def check_args(args, world_size: int) -> tuple[int, tuple[str, list] | None]:
+    """The checks that need more than one flag or a file, before any slow work. Returns the gradient
+    accumulation and the list the cache is built from: ("prompts" or "images", the list), or None."""
     per_step = args.batch_size * world_size
     if args.total_batch_size % per_step:
         fail(f"--total-batch-size {args.total_batch_size} is not a multiple of --batch-size x processes = {per_step}")
@@ -169,7 +169,16 @@ def check_args(args, world_size: int) -> int:
     except (OSError, ValueError) as e:
         fail(f"--text-pool: {e}")
     writable(Path(args.output_dir), "--output-dir")
-    return args.total_batch_size // per_step
+    data, built = Path(args.data), (Path(args.data) / "meta.json").is_file()
+    if args.prompts and args.images:
+        fail("pass --prompts or --images, not both")
+    if not (args.prompts or args.images or built):
+        fail(f"{data} holds no latent cache (meta.json); pass --prompts FILE or --images DIR to build it")
+    source = ("prompts", read_lines(args.prompts)) if args.prompts else None
+    source = ("images", read_image_captions(args.images)) if args.images else source
+    if not built:
+        writable(data, "--data")
+    return args.total_batch_size // per_step, source
 
 
 def writable(folder: Path, flag: str) -> None:
@@ -184,7 +193,7 @@ def writable(folder: Path, flag: str) -> None:
 
 def unique_suffix() -> str:
     """Host, pid and a random part: ranks, and containers sharing a filesystem, never pick the same name."""
-    return f"{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(4)}"
+    return f"{socket.gethostname()}.{os.getpid()}.{os.urandom(4).hex()}"
 
 
 # captions over 77 tokens are cut as in SD's own training; the rest the user cannot act on either
@@ -246,18 +255,14 @@ def load_models(teacher: str, student: str, init: str | None, dtype: torch.dtype
     try:
         pipe = StableDiffusionPipeline.from_pretrained(teacher, **NO_SAFETY_CHECKER)
     except (OSError, ValueError, TypeError) as e:
-        parts = "unet, vae, text_encoder, tokenizer, scheduler"
-        fail(f"--teacher {teacher} is not a loadable diffusers Stable Diffusion pipeline ({parts}): {first_line(e)}")
+        why = str(e).strip().splitlines()[0]
+        fail(f"--teacher {teacher} is not a loadable diffusers Stable Diffusion pipeline (unet, vae, ...): {why}")
     pipe.scheduler = PNDMScheduler.from_config(pipe.scheduler.config)  # the paper's sampler, for cache and grids
     pipe.set_progress_bar_config(disable=True)
     unet, layers = build_student(pipe.unet, student, init)
     for m in (pipe.unet, pipe.vae, pipe.text_encoder):
         m.requires_grad_(False).eval().to(device, dtype)
     return pipe, unet.to(device), layers
-
-
-def first_line(e: Exception) -> str:
-    return str(e).strip().splitlines()[0]
 
 
 def student_config(teacher_config: dict, name: str) -> dict:
@@ -276,7 +281,7 @@ def student_config(teacher_config: dict, name: str) -> dict:
             for key, value in cfg.items():
                 if isinstance(value, (list, tuple)) and len(value) == n_blocks:
                     cfg[key] = list(value)[:-1]
-    elif name in C_WIDTHS:
+    else:
         scale, groups = C_WIDTHS[name] / 320, cfg["norm_num_groups"]
         widths = [max(groups, round(c * scale / groups) * groups) for c in cfg["block_out_channels"]]
         cfg["block_out_channels"] = widths
@@ -284,8 +289,6 @@ def student_config(teacher_config: dict, name: str) -> dict:
         key = "num_attention_heads" if cfg.get("num_attention_heads") else "attention_head_dim"
         heads = cfg[key] if isinstance(cfg[key], (list, tuple)) else [cfg[key]] * n_blocks
         cfg[key] = [max(h for h in range(1, hd + 1) if w % h == 0) for w, hd in zip(widths, heads)]
-    else:
-        raise ValueError(name)
     return cfg
 
 
@@ -343,12 +346,31 @@ def build_student(teacher_unet: nn.Module, spec: str, init: str | None):
 
 
 class Student(nn.Module):
-    """What DDP wraps: the student UNet and the distiller (its 1x1 projections), so one forward uses
+    """What DDP wraps: the student UNet and the feature distiller (its 1x1 projections), so one forward uses
     every trainable parameter and DDP reduces them all in one backward."""
 
-    def __init__(self, unet: nn.Module, distiller: FeatureDistiller | None, feat: bool, rel: bool):
+    def __init__(self, args, pipe, unet: nn.Module, layers: dict, latent_shape: tuple, autocast):
         super().__init__()
-        self.unet, self.distiller, self.feat, self.rel = unet, distiller, feat, rel
+        self.unet, self.distiller = unet, None
+        self.feat, self.rel = args.lambda_feat > 0, args.lambda_rel > 0
+        print0(f"teacher UNet {n_params(pipe.unet)} params, student {args.student} {n_params(unet)}")
+        if self.feat or self.rel:
+            x = torch.zeros(1, *latent_shape, device=unet.device)
+            ehs = torch.zeros(1, pipe.tokenizer.model_max_length, pipe.text_encoder.config.hidden_size, device=x.device)
+            try:
+                self.distiller = FeatureDistiller(pipe.unet, unet, layers)
+                if self.feat:  # a projection wherever student and teacher widths differ
+                    with autocast:
+                        self.distiller.probe(x, torch.tensor([1], device=x.device), ehs)
+            except ValueError as e:
+                fail(f"feature KD layers do not match: {e}; set --lambda-feat 0 --lambda-rel 0")
+            proj = self.distiller.proj
+            print0(f"feature KD on {len(layers)} layers, {len(proj)} projections ({n_params(proj)})")
+        if args.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        if args.compile:
+            compile_blocks(unet, pipe.unet, layers)
+        self.to(unet.device)
 
     def forward(self, noisy_latents, timesteps, encoder_hidden_states):
         model_pred = self.unet(noisy_latents, timesteps, encoder_hidden_states).sample  # (B, 4, h, w)
@@ -362,38 +384,20 @@ class Student(nn.Module):
         return model_pred, loss_kd_feat, loss_rel
 
 
-def build_model(args, pipe, unet, layers: dict, latent_shape, autocast) -> Student:
-    """The student UNet with its feature distiller (probed once, so its 1x1 projections exist)."""
-    print0(f"teacher UNet {n_params(pipe.unet)} params, student {args.student} {n_params(unet)}")
-    distiller, device = None, unet.device
-    if args.lambda_feat > 0 or args.lambda_rel > 0:
-        x = torch.zeros(1, *latent_shape, device=device)
-        ehs = torch.zeros(1, pipe.tokenizer.model_max_length, pipe.text_encoder.config.hidden_size, device=device)
-        try:
-            distiller = FeatureDistiller(pipe.unet, unet, layers)
-            if args.lambda_feat > 0:  # a projection wherever student and teacher widths differ
-                with autocast:
-                    distiller.probe(x, torch.tensor([1], device=device), ehs)
-        except ValueError as e:
-            fail(f"feature KD layers do not match: {e}; set --lambda-feat 0 --lambda-rel 0")
-        print0(f"feature KD on {len(layers)} layers, {len(distiller.proj)} projections ({n_params(distiller)})")
-    if args.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    if args.compile:
-        # Regional compilation: blocks that hold a hooked layer stay eager so hooks come and go freely. All
-        # blocks of a kind share one code object, and each width recompiles it: allow for that.
-        from diffusers.models.attention import BasicTransformerBlock
-        from diffusers.models.resnet import ResnetBlock2D
+def compile_blocks(unet: nn.Module, teacher_unet: nn.Module, layers: dict) -> None:
+    """Regional compilation: blocks that hold a hooked layer stay eager so hooks come and go freely. All
+    blocks of a kind share one code object, and each width recompiles it: allow for that."""
+    from diffusers.models.attention import BasicTransformerBlock
+    from diffusers.models.resnet import ResnetBlock2D
 
-        cfg = torch._dynamo.config
-        limit = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"  # torch < 2.6
-        setattr(cfg, limit, max(getattr(cfg, limit), 64))
-        for model, hooked in ((unet, layers.keys()), (pipe.unet, layers.values())):
-            for name, m in model.named_modules():
-                holds_hook = any(h.startswith(name + ".") for h in hooked)
-                if isinstance(m, (BasicTransformerBlock, ResnetBlock2D)) and not holds_hook:
-                    m.compile()
-    return Student(unet, distiller, feat=args.lambda_feat > 0, rel=args.lambda_rel > 0).to(device)
+    cfg = torch._dynamo.config
+    limit = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"  # torch < 2.6
+    setattr(cfg, limit, max(getattr(cfg, limit), 64))
+    for model, hooked in ((unet, layers.keys()), (teacher_unet, layers.values())):
+        for name, m in model.named_modules():
+            holds_hook = any(h.startswith(name + ".") for h in hooked)
+            if isinstance(m, (BasicTransformerBlock, ResnetBlock2D)) and not holds_hook:
+                m.compile()
 
 
 def n_params(m: nn.Module) -> str:
@@ -449,20 +453,6 @@ def read_image_captions(folder: str) -> list[tuple[str, str]]:
     if missing:
         fail(f"--images: {len(missing)} listed images are missing, e.g. {root / missing[0]}")
     return items
-
-
-def cache_source(args) -> tuple[str, list] | None:
-    """("prompts" or "images", the list) named on the command line, read and checked before slow work."""
-    data, built = Path(args.data), (Path(args.data) / "meta.json").is_file()
-    if args.prompts and args.images:
-        fail("pass --prompts or --images, not both")
-    if not (args.prompts or args.images or built):
-        fail(f"{data} holds no latent cache (meta.json); pass --prompts FILE or --images DIR to build it")
-    source = ("prompts", read_lines(args.prompts)) if args.prompts else None
-    source = ("images", read_image_captions(args.images)) if args.images else source
-    if not built:
-        writable(data, "--data")
-    return source
 
 
 def atomic_save(path: Path, content) -> None:
@@ -574,7 +564,7 @@ class LatentCache:
                 if len(latents) != len(captions):
                     raise ValueError(f"{len(latents)} latents for {len(captions)} captions")
             except (OSError, ValueError) as e:
-                problem = f"shard {k} is missing or damaged ({first_line(e)})"
+                problem = f"shard {k} is missing or damaged ({str(e).strip().splitlines()[0]})"
                 fail(f"cache {data}: {problem}; delete latents-{k:05d}.npy and meta.json, then {rebuild}")
             self.latents.append(latents)
             self.captions += captions
@@ -639,10 +629,17 @@ def checkpoint_problem(path: Path) -> str | None:
         return f"no readable {path.name}.json (its checksum) beside it"
     if path.stat().st_size != size:
         return f"{path.stat().st_size} bytes instead of {size}, truncated"
-    with open(path, "rb") as f:
-        if hashlib.file_digest(f, "sha256").hexdigest() != digest:
-            return "its bytes do not match its sha256 checksum"
+    if sha256_of(path) != digest:
+        return "its bytes do not match its sha256 checksum"
     return None
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def run_identity(args, world_size: int) -> dict:
@@ -651,15 +648,14 @@ def run_identity(args, world_size: int) -> dict:
     return flags | {"processes": world_size}
 
 
-def find_checkpoint(args, world_size: int) -> tuple[Path, list[Path]]:
+def find_checkpoint(args, world_size: int) -> Path:
     """The named checkpoint, or the newest intact one in --output-dir (a damaged newer one is named and
-    skipped, never trained on), written by a run like this one. Returns it and the damaged ones."""
+    skipped, never trained on), written by a run like this one."""
     folder = Path(args.output_dir) / "checkpoints"
     named = args.resume != "latest"
     candidates = [Path(args.resume)] if named else sorted(folder.glob("step-*.pt"), reverse=True)
     if not candidates:
         fail(f"--resume: no checkpoint in {folder}")
-    damaged = []
     for path in candidates:
         problem = checkpoint_problem(path)
         if problem is None:
@@ -667,14 +663,13 @@ def find_checkpoint(args, world_size: int) -> tuple[Path, list[Path]]:
         if named:
             fail(f"--resume {path}: {problem}; resume from another checkpoint")
         print0(f"checkpoint {path} is damaged ({problem}); skipping it")
-        damaged.append(path)
     else:
-        fail(f"--resume: none of the {len(damaged)} checkpoints in {folder} is intact; start a new --output-dir")
+        fail(f"--resume: none of the {len(candidates)} checkpoints in {folder} is intact; start a new --output-dir")
     written = json.loads(Path(f"{path}.json").read_text())
     for flag, value in run_identity(args, world_size).items():
         if written.get(flag) != value:
             fail(f"{path} was written with {flag} {written.get(flag)}, this run has {value}; resume with the same")
-    return path, damaged
+    return path
 
 
 def export(unet, ema_params, args, out: Path) -> None:
@@ -701,10 +696,6 @@ def export(unet, ema_params, args, out: Path) -> None:
     tmp.rmdir()
 
 
-def lr_at(args, step: int) -> float:
-    return args.lr * min(1.0, (step + 1) / args.warmup_steps) if args.warmup_steps else args.lr
-
-
 # -----------------------------------------------------------------------------
 # training: setup (checks first), resume, one step, checkpoint, the loop
 
@@ -716,9 +707,8 @@ class Trainer:
     def __init__(self, args, ddp: bool, rank: int, world_size: int, device: torch.device):
         self.args, self.ddp, self.rank, self.world_size, self.device = args, ddp, rank, world_size, device
         self.out = Path(args.output_dir)
-        self.grad_accum = check_args(args, world_size)
-        source = cache_source(args)
-        resume, self.damaged = find_checkpoint(args, world_size) if args.resume else (None, [])
+        self.grad_accum, source = check_args(args, world_size)
+        resume = find_checkpoint(args, world_size) if args.resume else None
         cuda = device.type == "cuda"
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision) if cuda else None
         self.autocast = torch.autocast("cuda", dtype=dtype) if dtype else contextlib.nullcontext()
@@ -749,7 +739,7 @@ class Trainer:
         self.conditioner = RandomConditioner(pool, T, schedule=schedule, lam=args.rc_lambda, null_prob=args.null_prob)
 
         # --- student, optimizer, EMA, resume, DDP
-        self.student = self.model = build_model(args, self.pipe, unet, layers, latent_shape, self.autocast)
+        self.student = self.model = Student(args, self.pipe, unet, layers, latent_shape, self.autocast)
         params = [p for p in self.student.parameters() if p.requires_grad]
         kernel = {"fused": True} if cuda else {"foreach": True}  # one kernel, not one per tensor
         adamw = dict(lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
@@ -810,8 +800,8 @@ class Trainer:
     def step(self) -> tuple[torch.Tensor, float]:
         """One optimizer step over grad_accum micro-steps: (the LOGGED values, averaged; the grad norm)."""
         args, step = self.args, self.step_count
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr_at(args, step)
+        for group in self.optimizer.param_groups:  # linear warm-up, then constant
+            group["lr"] = args.lr * min(1.0, (step + 1) / max(args.warmup_steps, 1))
         logged = torch.zeros(len(LOGGED), device=self.device)
         for micro in range(self.grad_accum):
             batch = self.draw_batch(step * self.grad_accum + micro)
@@ -834,39 +824,40 @@ class Trainer:
         self.step_count += 1
         return logged, grad_norm
 
-    def log(self, logged: torch.Tensor, n_steps: int, seconds: float, grad_norm: float, bar) -> None:
-        step = self.step_count
+    def log(self, interval: list[torch.Tensor], seconds: float, grad_norm: float, bar) -> None:
+        """One log.jsonl line per --log-every steps: each LOGGED value averaged over the steps and the ranks."""
+        step, n_steps = self.step_count, len(interval)
+        logged = torch.stack(interval).mean(0)  # (len(LOGGED),)
         if self.ddp:  # averaged over ranks, so every rank sees the same NaN and stops together
             dist.all_reduce(logged)
-        vals = dict(zip(LOGGED, (logged / (n_steps * self.world_size)).tolist()))
+        vals = dict(zip(LOGGED, (logged / self.world_size).tolist()))
         if not all(math.isfinite(v) for v in vals.values()):
             bar.close()
             fix = "lower --lr or use --mixed-precision bf16"
             fail(f"loss is {vals['loss']} at step {step}; {fix} (checkpoints up to step {step - n_steps} are intact)")
         dt = seconds / n_steps
-        rec = {"step": step, **vals, "lr": lr_at(self.args, step - 1), "grad_norm": grad_norm, "step_time": dt}
+        lr = self.optimizer.param_groups[0]["lr"]  # the step's own: step() set it
+        rec = {"step": step, **vals, "lr": lr, "grad_norm": grad_norm, "step_time": dt}
         rec["samples_per_s"] = self.args.total_batch_size / dt
         if self.rank == 0:
             with open(self.out / "log.jsonl", "a") as f:
                 f.write(json.dumps(rec) + "\n")
             terms = " | ".join(f"{k.removeprefix('loss_')} {v:.4f}" for k, v in vals.items())
-            bar.write(f"step {step} | {terms} | lr {rec['lr']:.2e} | {dt:.3f} s/step")
+            bar.write(f"step {step} | {terms} | lr {lr:.2e} | {dt:.3f} s/step")
 
     def save(self) -> None:
-        """step-XXXXXXX.pt and its checksum beside it; then the oldest intact ones beyond --keep-checkpoints
-        go (a damaged one is neither kept nor counted, so the newest intact one always stays)."""
+        """step-XXXXXXX.pt and its checksum beside it; then the oldest earlier ones beyond --keep-checkpoints go.
+        A later one (damaged, or left by a resume from an earlier step) is neither counted nor deleted."""
         args, step, folder = self.args, self.step_count, self.out / "checkpoints"
         state = {"step": step, "model": self.student.state_dict(), "optimizer": self.optimizer.state_dict()}
         state |= {"scaler": self.scaler.state_dict(), "ema": self.ema, "args": vars(args)}
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"step-{step:07d}.pt"
         atomic_save(path, lambda f: torch.save(state, f))
-        with open(path, "rb") as f:
-            digest = hashlib.file_digest(f, "sha256").hexdigest()
-        info = {"step": step, "sha256": digest, "bytes": path.stat().st_size, **run_identity(args, self.world_size)}
+        info = {"step": step, "sha256": sha256_of(path), "bytes": path.stat().st_size}
+        info |= run_identity(args, self.world_size)
         atomic_save(Path(f"{path}.json"), json.dumps(info, indent=1))
-        intact = [c for c in sorted(folder.glob("step-*.pt")) if c not in self.damaged and Path(f"{c}.json").is_file()]
-        older = [c for c in intact if c != path]
+        older = [c for c in sorted(folder.glob("step-*.pt")) if c.name < path.name and Path(f"{c}.json").is_file()]
         for old in older[: max(0, len(older) - (args.keep_checkpoints - 1))]:
             Path(f"{old}.json").unlink()
             old.unlink()
@@ -879,7 +870,8 @@ class Trainer:
             self.student.load_state_dict(ckpt["model"])
             self.optimizer.load_state_dict(ckpt["optimizer"])
         except (RuntimeError, ValueError, KeyError) as e:
-            fail(f"{path} does not fit this model ({first_line(e)}); resume with the flags it was written with")
+            why = str(e).strip().splitlines()[0]
+            fail(f"{path} does not fit this model ({why}); resume with the flags it was written with")
         self.scaler.load_state_dict(ckpt["scaler"])
         if self.ema is not None:  # a run that had no EMA starts one from the resumed weights
             self.ema = [e.to(self.device) for e in ckpt["ema"]] if ckpt["ema"] else [w.clone() for w in self.weights]
@@ -900,9 +892,8 @@ class Trainer:
         from diffusers import StableDiffusionPipeline
         from PIL import Image
 
-        pipe = StableDiffusionPipeline(
-            **self.pipe.components | {"unet": self.student.unet}, requires_safety_checker=False
-        )
+        components = self.pipe.components | {"unet": self.student.unet}
+        pipe = StableDiffusionPipeline(**components, requires_safety_checker=False)
         pipe.set_progress_bar_config(disable=True)
         gens = [torch.Generator(self.device).manual_seed(self.args.seed + i) for i in range(len(VALIDATION_PROMPTS))]
         sampling = dict(height=self.resolution, width=self.resolution, num_inference_steps=self.args.validation_steps)
@@ -915,19 +906,18 @@ class Trainer:
 
     def fit(self) -> None:
         args = self.args
-        logged = torch.zeros(len(LOGGED), device=self.device)
-        t_last, since = time.time(), 0
-        bar = tqdm(total=args.max_steps, initial=self.step_count, desc="train", disable=self.rank != 0)
+        interval, t_last = [], time.time()  # the LOGGED values of each step since the last log line
+        bar = tqdm(
+            total=args.max_steps, initial=self.step_count, desc="train", disable=self.rank != 0, dynamic_ncols=True
+        )
         while self.step_count < args.max_steps:
             values, grad_norm = self.step()
-            logged += values
-            since += 1
+            interval.append(values)
             bar.update(1)
             step, last = self.step_count, self.step_count == args.max_steps
             if step % args.log_every == 0 or step % args.checkpoint_every == 0 or last:
-                self.log(logged, since, time.time() - t_last, float(grad_norm), bar)
-                logged.zero_()
-                t_last, since = time.time(), 0
+                self.log(interval, time.time() - t_last, float(grad_norm), bar)
+                interval, t_last = [], time.time()
             if self.rank == 0 and (step % args.checkpoint_every == 0 or last):
                 self.save()
             if self.rank == 0 and args.validate_every and (step % args.validate_every == 0 or last):
