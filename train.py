@@ -824,13 +824,15 @@ class Trainer:
         self.step_count += 1
         return logged, grad_norm
 
-    def log(self, interval: list[torch.Tensor], seconds: float, grad_norm: float, bar) -> None:
-        """One log.jsonl line per --log-every steps: each LOGGED value averaged over the steps and the ranks."""
-        step, n_steps = self.step_count, len(interval)
-        logged = torch.stack(interval).mean(0)  # (len(LOGGED),)
+    def log(self, n_steps: int, seconds: float, grad_norm: float, bar) -> None:
+        """One log.jsonl line: each LOGGED value averaged over the last n_steps steps and the ranks."""
+        step = self.step_count
+        # self.logged lives as long as the Trainer: a temporary freed while gloo still holds it would be
+        # released by gloo's thread under the GIL, and deadlock destroy_process_group, which holds the GIL
         if self.ddp:  # averaged over ranks, so every rank sees the same NaN and stops together
-            dist.all_reduce(logged)
-        vals = dict(zip(LOGGED, (logged / self.world_size).tolist()))
+            dist.all_reduce(self.logged)
+        vals = dict(zip(LOGGED, (self.logged / (n_steps * self.world_size)).tolist()))
+        self.logged.zero_()
         if not all(math.isfinite(v) for v in vals.values()):
             bar.close()
             fix = "lower --lr or use --mixed-precision bf16"
@@ -906,18 +908,20 @@ class Trainer:
 
     def fit(self) -> None:
         args = self.args
-        interval, t_last = [], time.time()  # the LOGGED values of each step since the last log line
+        self.logged = torch.zeros(len(LOGGED), device=self.device)  # summed since the last log line
+        t_last, since = time.time(), 0
         bar = tqdm(
             total=args.max_steps, initial=self.step_count, desc="train", disable=self.rank != 0, dynamic_ncols=True
         )
         while self.step_count < args.max_steps:
             values, grad_norm = self.step()
-            interval.append(values)
+            self.logged += values
+            since += 1
             bar.update(1)
             step, last = self.step_count, self.step_count == args.max_steps
             if step % args.log_every == 0 or step % args.checkpoint_every == 0 or last:
-                self.log(interval, time.time() - t_last, float(grad_norm), bar)
-                interval, t_last = [], time.time()
+                self.log(since, time.time() - t_last, float(grad_norm), bar)
+                t_last, since = time.time(), 0
             if self.rank == 0 and (step % args.checkpoint_every == 0 or last):
                 self.save()
             if self.rank == 0 and args.validate_every and (step % args.validate_every == 0 or last):
