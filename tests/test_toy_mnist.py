@@ -316,3 +316,23 @@ def test_quick_ablation_and_learning_curve(tmp_path):
     with pytest.raises(SystemExit) as e:
         toy_ablation.main(argv + ["--schedules", "exp:x"])
     one_line_error(e)
+
+
+def test_readme_ablation_commands_parse(tmp_path, monkeypatch):
+    """Every README line that runs bench/toy_ablation.py parses: its own flags, the rest are toy_mnist.py's."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import toy_ablation
+
+    class Parsed(Exception):
+        pass
+
+    def stop(*args):
+        raise Parsed
+
+    monkeypatch.setattr(toy_ablation.tm, "load_mnist", stop)  # stop after parsing: no data, no training
+    lines = [line for line in (ROOT / "README.md").read_text().splitlines() if line.startswith("python bench/toy_abl")]
+    assert lines
+    for line in lines:
+        argv = line.split("#")[0].split("toy_ablation.py", 1)[1].replace("DIR", str(tmp_path)).split()
+        with pytest.raises(Parsed):
+            toy_ablation.main(argv + ["--out", str(tmp_path / "out")])
