@@ -827,8 +827,6 @@ class Trainer:
     def log(self, n_steps: int, seconds: float, grad_norm: float, bar) -> None:
         """One log.jsonl line: each LOGGED value averaged over the last n_steps steps and the ranks."""
         step = self.step_count
-        # self.logged lives as long as the Trainer: a temporary freed while gloo still holds it would be
-        # released by gloo's thread under the GIL, and deadlock destroy_process_group, which holds the GIL
         if self.ddp:  # averaged over ranks, so every rank sees the same NaN and stops together
             dist.all_reduce(self.logged)
         vals = dict(zip(LOGGED, (self.logged / (n_steps * self.world_size)).tolist()))
@@ -941,6 +939,10 @@ def train(args) -> nn.Module | None:
         if rank == 0:
             export(trainer.student.unet, trainer.ema, args, trainer.out)
             print0(f"saved the student pipeline to {trainer.out} (StableDiffusionPipeline.from_pretrained)")
+        if ddp:
+            # gloo frees a finished collective's tensors on its own thread, under the GIL, and
+            # destroy_process_group holds the GIL while it joins that thread: let every collective settle first
+            dist.barrier()
         return trainer.student
     finally:
         if ddp:
