@@ -939,10 +939,6 @@ def train(args) -> nn.Module | None:
         if rank == 0:
             export(trainer.student.unet, trainer.ema, args, trainer.out)
             print0(f"saved the student pipeline to {trainer.out} (StableDiffusionPipeline.from_pretrained)")
-        if ddp:
-            # gloo frees a finished collective's tensors on its own thread, under the GIL, and
-            # destroy_process_group holds the GIL while it joins that thread: let every collective settle first
-            dist.barrier()
         return trainer.student
     finally:
         if ddp:
