@@ -72,7 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--samples-per-digit", type=int, default=100, help="samples the judge scores per digit and model")
     # training: teacher, judge, the classifier distilled from the judge, students (randcond's null-label rate, 0.1)
     p.add_argument("--teacher-steps", type=int, default=1500, help="teacher training steps")
-    p.add_argument("--student-steps", type=int, default=1600, help="training steps of each student")
+    p.add_argument("--student-steps", type=int, default=2400, help="training steps of each student")
     p.add_argument("--batch-size", type=int, default=128, help="teacher and students")
     p.add_argument("--rc-schedule", choices=randcond.SCHEDULES, default="exp", help="p(t) of the RC student")
     p.add_argument("--rc-lambda", type=float, default=2.0, help="lambda of p(t); published 5, here 2 (see the README)")
