@@ -16,9 +16,6 @@ One node, 4 GPUs (total batch 256 = 64 per GPU x 4, as published):
 Two nodes of 8 GPUs (run on each node; HOST is node 0):
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 \
         --rdzv-id=rc train.py ...same flags...
-
-The file reads top to bottom: config and its checks, DDP, teacher and students, the latent cache,
-checkpoints and export, then the Trainer: setup, one step (draw_batch, losses, step), save / load, fit.
 """
 
 import argparse
@@ -31,7 +28,7 @@ import logging
 import math
 import os
 import shutil
-import socket
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -65,7 +62,6 @@ BK_TINY_LAYERS = {  # student layer: teacher layer
     "up_blocks.1": "up_blocks.2",
     "up_blocks.2": "up_blocks.3",
 }
-LOGGED = ("loss", "loss_kd_out", "loss_kd_feat", "loss_task", "loss_rel", "rc_swap_rate")
 VALIDATION_PROMPTS = [
     "a photo of an astronaut riding a horse on mars",
     "a red sports car parked on a city street at night",
@@ -184,16 +180,9 @@ def check_args(args, world_size: int) -> tuple[int, tuple[str, list] | None]:
 def writable(folder: Path, flag: str) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write-test.{unique_suffix()}"
-        probe.write_bytes(b"")
-        probe.unlink()
+        tempfile.TemporaryFile(dir=folder).close()
     except OSError as e:
         fail(f"{flag} {folder} is not a writable folder ({e.strerror or e}); choose another")
-
-
-def unique_suffix() -> str:
-    """Host, pid and a random part: ranks, and containers sharing a filesystem, never pick the same name."""
-    return f"{socket.gethostname()}.{os.getpid()}.{os.urandom(4).hex()}"
 
 
 # captions over 77 tokens are cut as in SD's own training; the rest the user cannot act on either
@@ -458,7 +447,7 @@ def read_image_captions(folder: str) -> list[tuple[str, str]]:
 def atomic_save(path: Path, content) -> None:
     """content (text, or a function that writes to a binary file) goes to a temporary file, flushed to disk,
     then renamed over path: a crash leaves the old file or the new one, never half of one."""
-    tmp = path.with_name(f"{path.name}.{unique_suffix()}.tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{os.urandom(6).hex()}.tmp")  # unique across ranks and hosts
     with open(tmp, "wb") as f:
         if isinstance(content, str):
             f.write(content.encode())
@@ -482,7 +471,10 @@ def open_cache(args, source, pipe, resolution: int, latent_shape: tuple, rank: i
             made |= {"gen_steps": args.gen_steps, "gen_guidance": args.gen_guidance, "seed": args.seed}
         done = (data / "meta.json").is_file()
         record = data / ("meta.json" if done else "build.json")  # build.json: written when a build starts
-        have = json.loads(record.read_text()) if record.is_file() else made
+        try:
+            have = json.loads(record.read_text()) if record.is_file() else made
+        except ValueError:
+            fail(f"cache {data}: {record.name} is unreadable; delete it (finished shards are kept) and rerun")
         differ = [k for k, v in made.items() if k != "source" and have.get(k) != v]
         if differ:
             flags = ", ".join("--prompts/--images list" if k == "list_sha256" else f"--{k}" for k in differ)
@@ -521,7 +513,7 @@ def open_cache(args, source, pipe, resolution: int, latent_shape: tuple, rank: i
 @torch.no_grad()
 def encode_shard(items, kind, pipe, args, resolution, start: int) -> np.ndarray:
     """Latents (n, 4, h, w) float16 for one shard: teacher samples for prompts, VAE means for images."""
-    from PIL import Image
+    from PIL import Image, ImageOps
 
     device, dtype, out = pipe.unet.device, pipe.unet.dtype, []
     sampling = dict(height=resolution, width=resolution, num_inference_steps=args.gen_steps)
@@ -533,14 +525,10 @@ def encode_shard(items, kind, pipe, args, resolution, start: int) -> np.ndarray:
             sample = pipe(batch, **sampling, guidance_scale=args.gen_guidance, generator=gens, output_type="latent")
             latents = sample.images
         else:
-            pixels = []
-            for file, _ in batch:
-                img = Image.open(Path(args.images) / file).convert("RGB")
-                s = min(img.size)  # center crop to a square, then resize
-                left, top = (img.width - s) // 2, (img.height - s) // 2
-                img = img.crop((left, top, left + s, top + s)).resize((resolution, resolution), Image.BICUBIC)
-                pixels.append(torch.from_numpy(np.array(img)).permute(2, 0, 1))  # (3, H, W) uint8
-            x = torch.stack(pixels).to(device, dtype) / 127.5 - 1  # (B, 3, H, W) in [-1, 1]
+            images = [Image.open(Path(args.images) / file).convert("RGB") for file, _ in batch]
+            # the largest centred square, resized to the training resolution
+            images = [np.array(ImageOps.fit(img, (resolution, resolution), Image.BICUBIC)) for img in images]
+            x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).to(device, dtype) / 127.5 - 1  # (B, 3, H, W)
             # the posterior mean: its std is tiny for SD's VAE, and a cache should not freeze one noise draw
             latents = pipe.vae.encode(x).latent_dist.mean * pipe.vae.config.scaling_factor
         out.append(latents.float().cpu().numpy().astype(np.float16))
@@ -548,7 +536,7 @@ def encode_shard(items, kind, pipe, args, resolution, start: int) -> np.ndarray:
 
 
 class LatentCache:
-    """Memory-mapped latents and their captions; a batch is one fancy-indexed read per shard."""
+    """Memory-mapped latents (float16 .npy shards) and their captions."""
 
     def __init__(self, data: Path):
         rebuild = "rerun with the same --prompts/--images to rebuild it"
@@ -576,14 +564,9 @@ class LatentCache:
         return len(self.captions)
 
     def get(self, indices: np.ndarray) -> tuple[torch.Tensor, list[str]]:
-        shard = np.searchsorted(self.starts, indices, side="right") - 1
-        out = np.empty((len(indices), *self.latents[0].shape[1:]), dtype=np.float16)
-        for k in np.unique(shard):
-            sel = np.nonzero(shard == k)[0]
-            local = indices[sel] - self.starts[k]
-            order = np.argsort(local)  # sorted reads are sequential on disk
-            out[sel[order]] = self.latents[k][local[order]]
-        return torch.from_numpy(out), [self.captions[i] for i in indices]
+        shards = np.searchsorted(self.starts, indices, side="right") - 1
+        latents = np.stack([self.latents[k][i - self.starts[k]] for k, i in zip(shards, indices)])
+        return torch.from_numpy(latents), [self.captions[i] for i in indices]
 
 
 class ShardedSampler:
@@ -635,11 +618,8 @@ def checkpoint_problem(path: Path) -> str | None:
 
 
 def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def run_identity(args, world_size: int) -> dict:
@@ -653,18 +633,14 @@ def find_checkpoint(args, world_size: int) -> Path:
     skipped, never trained on), written by a run like this one."""
     folder = Path(args.output_dir) / "checkpoints"
     named = args.resume != "latest"
-    candidates = [Path(args.resume)] if named else sorted(folder.glob("step-*.pt"), reverse=True)
-    if not candidates:
-        fail(f"--resume: no checkpoint in {folder}")
-    for path in candidates:
-        problem = checkpoint_problem(path)
-        if problem is None:
+    for path in [Path(args.resume)] if named else sorted(folder.glob("step-*.pt"), reverse=True):
+        if (problem := checkpoint_problem(path)) is None:
             break
         if named:
             fail(f"--resume {path}: {problem}; resume from another checkpoint")
         print0(f"checkpoint {path} is damaged ({problem}); skipping it")
     else:
-        fail(f"--resume: none of the {len(candidates)} checkpoints in {folder} is intact; start a new --output-dir")
+        fail(f"--resume: no intact checkpoint in {folder}; start without --resume or in a new --output-dir")
     written = json.loads(Path(f"{path}.json").read_text())
     for flag, value in run_identity(args, world_size).items():
         if written.get(flag) != value:
@@ -797,12 +773,12 @@ class Trainer:
             loss=loss, loss_kd_out=loss_kd_out, loss_kd_feat=loss_kd_feat, loss_task=loss_task, loss_rel=loss_rel
         )
 
-    def step(self) -> tuple[torch.Tensor, float]:
-        """One optimizer step over grad_accum micro-steps: (the LOGGED values, averaged; the grad norm)."""
+    def step(self) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """One optimizer step over grad_accum micro-steps: ({loss term or swap rate: its mean}, grad norm)."""
         args, step = self.args, self.step_count
         for group in self.optimizer.param_groups:  # linear warm-up, then constant
             group["lr"] = args.lr * min(1.0, (step + 1) / max(args.warmup_steps, 1))
-        logged = torch.zeros(len(LOGGED), device=self.device)
+        logged = {}
         for micro in range(self.grad_accum):
             batch = self.draw_batch(step * self.grad_accum + micro)
             # gradients are all-reduced once per optimizer step, in the last micro-step's backward
@@ -810,8 +786,9 @@ class Trainer:
             with self.model.no_sync() if self.ddp and not last else contextlib.nullcontext():
                 losses = self.losses(batch)
                 self.scaler.scale(losses["loss"] / self.grad_accum).backward()
-            swapped = 1 - batch["paired"].float().mean().to(self.device)  # share of samples on a random caption
-            logged += torch.stack([*losses.values(), swapped]).detach() / self.grad_accum
+            losses["rc_swap_rate"] = 1 - batch["paired"].float().mean().to(self.device)  # share of random captions
+            for name, value in losses.items():
+                logged[name] = logged.get(name, 0) + value.detach() / self.grad_accum
         self.scaler.unscale_(self.optimizer)
         # the UNet only, as in the official trainer: the 1x1 projections are not clipped
         grad_norm = torch.nn.utils.clip_grad_norm_(self.student.unet.parameters(), args.max_grad_norm)
@@ -825,12 +802,13 @@ class Trainer:
         return logged, grad_norm
 
     def log(self, n_steps: int, seconds: float, grad_norm: float, bar) -> None:
-        """One log.jsonl line: each LOGGED value averaged over the last n_steps steps and the ranks."""
-        step = self.step_count
+        """One log.jsonl line: each logged value averaged over the last n_steps steps and the ranks."""
+        # an attribute, not a local: a finished gloo collective may drop its reference later, on gloo's thread
+        step, self.reduced = self.step_count, torch.stack(list(self.logged.values()))
         if self.ddp:  # averaged over ranks, so every rank sees the same NaN and stops together
-            dist.all_reduce(self.logged)
-        vals = dict(zip(LOGGED, (self.logged / (n_steps * self.world_size)).tolist()))
-        self.logged.zero_()
+            dist.all_reduce(self.reduced)
+        vals = dict(zip(self.logged, (self.reduced / (n_steps * self.world_size)).tolist()))
+        self.logged = {}
         if not all(math.isfinite(v) for v in vals.values()):
             bar.close()
             fix = "lower --lr or use --mixed-precision bf16"
@@ -906,14 +884,14 @@ class Trainer:
 
     def fit(self) -> None:
         args = self.args
-        self.logged = torch.zeros(len(LOGGED), device=self.device)  # summed since the last log line
+        self.logged = {}  # each logged value summed since the last log line
         t_last, since = time.time(), 0
         bar = tqdm(
             total=args.max_steps, initial=self.step_count, desc="train", disable=self.rank != 0, dynamic_ncols=True
         )
         while self.step_count < args.max_steps:
             values, grad_norm = self.step()
-            self.logged += values
+            self.logged = {name: self.logged.get(name, 0) + value for name, value in values.items()}
             since += 1
             bar.update(1)
             step, last = self.step_count, self.step_count == args.max_steps

@@ -640,7 +640,7 @@ def test_bad_inputs_give_one_line_errors(tiny_sd, cache, texts, tmp_path):
     assert "not a multiple of --batch-size" in error_of(
         tiny_sd, cache, out, "--total-batch-size", "6", "--batch-size", "4"
     )
-    assert "no checkpoint" in error_of(tiny_sd, cache, tmp_path / "fresh", "--resume", "--max-steps", "1")
+    assert "no intact checkpoint" in error_of(tiny_sd, cache, tmp_path / "fresh", "--resume", "--max-steps", "1")
     (tmp_path / "imgs").mkdir()
     (tmp_path / "imgs" / "metadata.jsonl").write_text(json.dumps({"file_name": "gone.png", "text": "a cat"}))
     assert "1 listed images are missing" in error_of(tiny_sd, tmp_path / "d3", out, "--images", str(tmp_path / "imgs"))

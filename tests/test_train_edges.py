@@ -82,7 +82,7 @@ def test_no_intact_checkpoint_stops_the_resume(tiny_sd, cache, tmp_path):
     run_inproc(tiny_sd, cache, out, "--lambda-feat", "0", "--max-steps", "1", "--no-ema")
     flip_bytes(out / "checkpoints" / "step-0000001.pt")
     msg = error_of(tiny_sd, cache, out, "--lambda-feat", "0", "--max-steps", "2", "--no-ema", "--resume")
-    assert "none of the 1 checkpoints" in msg and "is intact" in msg
+    assert "no intact checkpoint" in msg
     assert (out / "checkpoints" / "step-0000001.pt").is_file()
 
 
@@ -140,6 +140,19 @@ def test_a_damaged_shard_is_named_with_how_to_rebuild_it(tiny_sd, cache, texts, 
     (data / "meta.json").unlink()
     run_inproc(tiny_sd, data, tmp_path / "o", "--prompts", str(texts[0]), "--shard-size", "3", "--max-steps", "0")
     assert shard.read_bytes() == (cache / "latents-00001.npy").read_bytes()
+
+
+def test_an_unreadable_cache_record_is_named_and_its_shards_are_kept(tiny_sd, cache, texts, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(cache, data)
+    (data / "meta.json").write_text('{"source": "prom')  # cut by a full disk
+    shards = {p.name: p.read_bytes() for p in data.glob("latents-*.npy")}
+    msg = error_of(tiny_sd, data, tmp_path / "o", "--prompts", str(texts[0]), "--shard-size", "3", "--max-steps", "0")
+    assert "meta.json is unreadable" in msg and "delete it" in msg
+    (data / "meta.json").unlink()  # doing what it says finishes the cache from the shards on disk
+    run_inproc(tiny_sd, data, tmp_path / "o", "--prompts", str(texts[0]), "--shard-size", "3", "--max-steps", "0")
+    assert {p.name: p.read_bytes() for p in data.glob("latents-*.npy")} == shards
+    assert json.loads((data / "meta.json").read_text()) == json.loads((cache / "meta.json").read_text())
 
 
 # -----------------------------------------------------------------------------
