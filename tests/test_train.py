@@ -532,6 +532,27 @@ def test_kill_and_resume_gives_the_uninterrupted_weights(tiny_sd, cache, texts, 
 
 
 @pytest.mark.slow
+def test_compile_trains_as_eager_does_and_exports_a_plain_unet(tiny_sd, cache, tmp_path):
+    """--compile with torch's default backend (inductor), under gradient checkpointing as by default."""
+    from diffusers import UNet2DConditionModel
+
+    common = ["--max-steps", "2", "--no-ema", "--gradient-checkpointing"]
+    run_inproc(tiny_sd, cache, tmp_path / "eager", *common)
+    compiled = cmd(tiny_sd, cache, tmp_path / "compiled", *common, "--compile")  # its own process: dynamo state
+    r = subprocess.run(compiled, env=ENV, capture_output=True, text=True, timeout=1200)
+    assert r.returncode == 0, r.stderr[-3000:]
+    logs = [
+        [json.loads(x) for x in (tmp_path / d / "log.jsonl").read_text().splitlines()] for d in ("eager", "compiled")
+    ]
+    assert len(logs[0]) == len(logs[1]) == 2
+    for eager, compiled in zip(*logs):
+        for term in ("loss", "loss_kd_out", "loss_kd_feat"):
+            assert compiled[term] == pytest.approx(eager[term], rel=1e-3, abs=1e-6), term
+    unet = UNet2DConditionModel.from_pretrained(tmp_path / "compiled" / "unet")
+    assert unet.config.layers_per_block == 1 and not unet.is_gradient_checkpointing
+
+
+@pytest.mark.slow
 def test_torchrun_two_processes_draw_apart_and_end_with_identical_weights(tiny_sd, cache, texts, tmp_path):
     out = tmp_path / "ddp"
     # each rank records what train.py drew in every micro-step (the real draws, passed through) and
