@@ -803,11 +803,14 @@ class Trainer:
 
     def log(self, n_steps: int, seconds: float, grad_norm: float, bar) -> None:
         """One log.jsonl line: each logged value averaged over the last n_steps steps and the ranks."""
-        # an attribute, not a local: a finished gloo collective may drop its reference later, on gloo's thread
-        step, self.reduced = self.step_count, torch.stack(list(self.logged.values()))
+        step, values = self.step_count, torch.stack(list(self.logged.values()))
         if self.ddp:  # averaged over ranks, so every rank sees the same NaN and stops together
-            dist.all_reduce(self.reduced)
-        vals = dict(zip(self.logged, (self.reduced / (n_steps * self.world_size)).tolist()))
+            # The handle is kept so that this thread, not gloo's, drops the last reference to values: on gloo's
+            # thread that needs the GIL, which this thread holds while the process group ends (a hang at exit).
+            # The group ends when the trainer is freed, with self.model (DDP), set before this attribute.
+            self.all_reduce = dist.all_reduce(values, async_op=True)
+            self.all_reduce.wait()
+        vals = dict(zip(self.logged, (values / (n_steps * self.world_size)).tolist()))
         self.logged = {}
         if not all(math.isfinite(v) for v in vals.values()):
             bar.close()
