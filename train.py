@@ -723,7 +723,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
         self.weights = [p.detach() for p in unet.parameters()]  # views: they follow the in-place updates
         self.ema = [w.clone().float() for w in self.weights] if args.ema else None
-        self.step_count = 0
+        self.step_count, self.logged = 0, {}  # logged: each loss term summed since the last log line
         if resume:
             self.load(resume)
         if ddp:
@@ -773,12 +773,12 @@ class Trainer:
             loss=loss, loss_kd_out=loss_kd_out, loss_kd_feat=loss_kd_feat, loss_task=loss_task, loss_rel=loss_rel
         )
 
-    def step(self) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """One optimizer step over grad_accum micro-steps: ({loss term or swap rate: its mean}, grad norm)."""
+    def step(self) -> torch.Tensor:
+        """One optimizer step over grad_accum micro-steps; adds each loss term and the swap rate, averaged over
+        them, to self.logged. Returns the gradient norm."""
         args, step = self.args, self.step_count
         for group in self.optimizer.param_groups:  # linear warm-up, then constant
             group["lr"] = args.lr * min(1.0, (step + 1) / max(args.warmup_steps, 1))
-        logged = {}
         for micro in range(self.grad_accum):
             batch = self.draw_batch(step * self.grad_accum + micro)
             # gradients are all-reduced once per optimizer step, in the last micro-step's backward
@@ -788,7 +788,7 @@ class Trainer:
                 self.scaler.scale(losses["loss"] / self.grad_accum).backward()
             losses["rc_swap_rate"] = 1 - batch["paired"].float().mean().to(self.device)  # share of random captions
             for name, value in losses.items():
-                logged[name] = logged.get(name, 0) + value.detach() / self.grad_accum
+                self.logged[name] = self.logged.get(name, 0) + value.detach() / self.grad_accum
         self.scaler.unscale_(self.optimizer)
         # the UNet only, as in the official trainer: the 1x1 projections are not clipped
         grad_norm = torch.nn.utils.clip_grad_norm_(self.student.unet.parameters(), args.max_grad_norm)
@@ -799,7 +799,7 @@ class Trainer:
             decay = min(args.ema_decay, (1 + step) / (10 + step))
             torch._foreach_lerp_(self.ema, self.weights, 1 - decay)
         self.step_count += 1
-        return logged, grad_norm
+        return grad_norm
 
     def log(self, n_steps: int, seconds: float, grad_norm: float, bar) -> None:
         """One log.jsonl line: each logged value averaged over the last n_steps steps and the ranks."""
@@ -887,14 +887,12 @@ class Trainer:
 
     def fit(self) -> None:
         args = self.args
-        self.logged = {}  # each logged value summed since the last log line
         t_last, since = time.time(), 0
         bar = tqdm(
             total=args.max_steps, initial=self.step_count, desc="train", disable=self.rank != 0, dynamic_ncols=True
         )
         while self.step_count < args.max_steps:
-            values, grad_norm = self.step()
-            self.logged = {name: self.logged.get(name, 0) + value for name, value in values.items()}
+            grad_norm = self.step()
             since += 1
             bar.update(1)
             step, last = self.step_count, self.step_count == args.max_steps
