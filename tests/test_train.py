@@ -538,8 +538,8 @@ def test_compile_trains_as_eager_does_and_exports_a_plain_unet(tiny_sd, cache, t
 
     common = ["--max-steps", "2", "--no-ema", "--gradient-checkpointing"]
     run_inproc(tiny_sd, cache, tmp_path / "eager", *common)
-    compiled = cmd(tiny_sd, cache, tmp_path / "compiled", *common, "--compile")  # its own process: dynamo state
-    r = subprocess.run(compiled, env=ENV, capture_output=True, text=True, timeout=1200)
+    argv = cmd(tiny_sd, cache, tmp_path / "compiled", *common, "--compile")  # its own process: dynamo state
+    r = subprocess.run(argv, env=ENV, capture_output=True, text=True, timeout=1200)
     assert r.returncode == 0, r.stderr[-3000:]
     logs = [
         [json.loads(x) for x in (tmp_path / d / "log.jsonl").read_text().splitlines()] for d in ("eager", "compiled")
