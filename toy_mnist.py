@@ -43,7 +43,247 @@ T = 1000  # diffusion timesteps
 FEATURE_LAYERS = ["down.0", "down.1", "down.2", "up.0", "up.1", "up.2"]  # named alike in teacher and students
 
 # -----------------------------------------------------------------------------
-# Config: one flat block of flags; --preset quick makes the models tiny and the runs short (seconds)
+# Noise schedule: abar_t = prod_{s<=t} (1 - beta_s), with DDPM's linear betas from 1e-4 to 0.02. Shape (T,).
+ALPHAS_CUMPROD = torch.cumprod(1 - torch.linspace(1e-4, 0.02, T, dtype=torch.float64), 0).float()
+
+
+def add_noise(images: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
+    """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps."""
+    abar = ALPHAS_CUMPROD[timesteps].view(-1, 1, 1, 1)
+    return abar.sqrt() * images + (1 - abar).sqrt() * noise
+
+
+# -----------------------------------------------------------------------------
+# Model: a small class-conditional UNet (teacher and students)
+class ResBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int, emb_dim: int):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(math.gcd(8, c_in), c_in)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.emb = nn.Linear(emb_dim, c_out)
+        self.norm2 = nn.GroupNorm(math.gcd(8, c_out), c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        h = self.conv1(F.silu(self.norm1(x))) + self.emb(emb)[:, :, None, None]  # + timestep and label embedding
+        return self.conv2(F.silu(self.norm2(h))) + self.skip(x)
+
+
+class UNet(nn.Module):
+    """eps-prediction UNet on (timesteps, class labels); label num_classes is the null label. The image is folded
+    to 4 x 14 x 14 (pixel_unshuffle, ~4x cheaper); levels 14, 7, 4; blocks down.i / mid / up.i pair up by name."""
+
+    def __init__(self, widths: tuple[int, ...] = (32, 64, 64), num_classes: int = 10, emb_dim: int = 64):
+        super().__init__()
+        self.emb_dim = emb_dim
+        self.time_mlp = nn.Sequential(nn.Linear(emb_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.label_emb = nn.Embedding(num_classes + 1, emb_dim)  # + the learned null label
+        self.conv_in = nn.Conv2d(4, widths[0], 3, padding=1)
+        self.down = nn.ModuleList(ResBlock(c, w, emb_dim) for c, w in zip([widths[0], *widths[:-1]], widths))
+        self.downsample = nn.ModuleList(nn.Conv2d(w, w, 3, stride=2, padding=1) for w in widths[:-1])
+        self.mid = ResBlock(widths[-1], widths[-1], emb_dim)
+        rev = widths[::-1]
+        self.up = nn.ModuleList(ResBlock(c + w, w, emb_dim) for c, w in zip([rev[0], *rev[:-1]], rev))  # + skip
+        self.upsample = nn.ModuleList(nn.Conv2d(w, w, 3, padding=1) for w in rev[:-1])
+        self.norm_out = nn.GroupNorm(math.gcd(8, widths[0]), widths[0])
+        self.conv_out = nn.Conv2d(widths[0], 4, 3, padding=1)
+
+    def forward(self, noisy_latents: Tensor, timesteps: Tensor, class_labels: Tensor) -> Tensor:
+        half = self.emb_dim // 2
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=timesteps.device) / half)
+        angles = timesteps.float()[:, None] * freqs[None]  # (B, half)
+        emb = self.time_mlp(torch.cat([angles.sin(), angles.cos()], 1)) + self.label_emb(class_labels)  # (B, E)
+        h = self.conv_in(F.pixel_unshuffle(noisy_latents, 2).contiguous(memory_format=torch.channels_last))  # 14 x 14
+        skips = []
+        for block, downsample in zip(self.down, [*self.downsample, nn.Identity()]):
+            skips.append(block(h, emb))
+            h = downsample(skips[-1])
+        h = self.mid(h, emb)
+        for block, upsample in zip(self.up, [*self.upsample, None]):
+            skip = skips.pop()
+            h = block(torch.cat([h[..., : skip.shape[-2], : skip.shape[-1]], skip], 1), emb)  # 8 -> 7 crop
+            h = upsample(F.interpolate(h, scale_factor=2.0, mode="nearest")) if upsample else h
+        return F.pixel_shuffle(self.conv_out(F.silu(self.norm_out(h))), 2)  # (B, 1, 28, 28)
+
+
+# -----------------------------------------------------------------------------
+# Sampler: deterministic DDIM with classifier-free guidance
+@torch.no_grad()
+def ddim_sample(model: nn.Module, labels: Tensor, noise: Tensor, steps: int, guidance: float, start=T - 1) -> Tensor:
+    """DDIM (eta = 0) from x_start: pure noise at start = T-1, or an image noised to start. Returns (N, 1, 28, 28)
+    in [-1, 1]. Guided eps = eps_null + w (eps_label - eps_null), null label 10; x0 clipped at every step."""
+    model.eval()
+    abar = torch.cat([ALPHAS_CUMPROD, torch.ones(1)]).to(noise.device)  # abar[-1] = 1: the clean image
+    timesteps = torch.linspace(start, 0, steps).round().long().tolist()
+    out = []
+    for first in range(0, len(labels), 500):  # 500 samples at a time
+        x, y = noise[first : first + 500], labels[first : first + 500]
+        y2 = torch.cat([y, torch.full_like(y, 10)])
+        for t, t_prev in zip(timesteps, [*timesteps[1:], -1]):
+            eps_cond, eps_null = model(torch.cat([x, x]), torch.full_like(y2, t), y2).float().chunk(2)  # (N, 1, 28, 28)
+            eps = eps_null + guidance * (eps_cond - eps_null)
+            a_t, a_prev = abar[t], abar[t_prev]
+            x0 = ((x - (1 - a_t).sqrt() * eps) / a_t.sqrt()).clamp(-1, 1)
+            eps = (x - a_t.sqrt() * x0) / (1 - a_t).sqrt()  # consistent with the clipped x0
+            x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+        out.append(x)
+    return torch.cat(out)
+
+
+# -----------------------------------------------------------------------------
+# Training: the teacher learns to denoise; the students learn from it, with and without random conditioning
+def warmup_cosine(step: int, warmup: int, total: int) -> float:
+    """The lr factor at a step: a linear warm-up, then a cosine decay to 0 (short runs converge better with it)."""
+    cosine = 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+    return (step + 1) / warmup if step < warmup else cosine
+
+
+def train_teacher(cfg: argparse.Namespace, teacher: UNet, x: Tensor, y: Tensor) -> None:
+    g, device = torch.Generator().manual_seed(cfg.seed), next(teacher.parameters()).device
+    opt = torch.optim.AdamW(teacher.parameters(), lr=2e-3, weight_decay=0.0)
+    # Schedule "none": no label is swapped, only the null drop (for classifier-free guidance) applies.
+    null_drop = randcond.RandomConditioner(10, T, "none", null_condition=10)
+    for step in tqdm(range(cfg.teacher_steps), desc="teacher", dynamic_ncols=True):
+        idx = torch.randint(len(x), (cfg.batch_size,), generator=g)
+        timesteps = torch.randint(0, T, (cfg.batch_size,), generator=g)
+        noise = torch.randn(cfg.batch_size, 1, 28, 28, generator=g)
+        labels, _ = null_drop(y[idx], timesteps, generator=g)
+        noisy = add_noise(x[idx], noise, timesteps)
+        model_pred = teacher.train()(noisy.to(device), timesteps.to(device), labels.to(device))
+        loss = F.mse_loss(model_pred.float(), noise.to(device))  # the plain denoising loss
+        opt.param_groups[0]["lr"] = 2e-3 * warmup_cosine(step, 50, cfg.teacher_steps)  # its only parameter group
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def train_students(cfg: argparse.Namespace, schedules: dict, teacher: UNet, x, y, on_step=None) -> dict:
+    """One student per {name: (schedule, lam)}, all on the same batches, noise and timesteps; loss = lambda_out L_out
+    + lambda_feat L_feat on labels that the schedule's p(t) swapped. on_step(step, students) runs after each step."""
+    students, device = {}, next(teacher.parameters()).device
+    for name, (schedule, lam) in schedules.items():
+        torch.manual_seed(cfg.seed + 2)  # the same initial weights for every student
+        unet = UNet(cfg.student_widths).to(device, memory_format=torch.channels_last)
+        distiller = randcond.FeatureDistiller(teacher, unet, FEATURE_LAYERS)
+        zeros = torch.zeros(2, dtype=torch.long, device=device)  # a probe batch: makes the 1x1 projections
+        distiller.probe(torch.zeros(2, 1, 28, 28, device=device), zeros, zeros)  # student -> teacher widths
+        opt = torch.optim.AdamW([*unet.parameters(), *distiller.parameters()], lr=4e-3, weight_decay=0.0)
+        # The same conditioner seed for every student: randcond draws every coin (swap, pool index, null) for
+        # every sample whatever the schedule, so the students see the same nulls and differ only in swaps.
+        conditioner = randcond.RandomConditioner(10, T, schedule, lam, null_condition=10)
+        g = torch.Generator().manual_seed(cfg.seed + 3)
+        students[name] = SimpleNamespace(unet=unet, distiller=distiller, opt=opt, conditioner=conditioner, g=g)
+    g = torch.Generator().manual_seed(cfg.seed + 1)
+    bar, losses = tqdm(range(cfg.student_steps), desc=f"{len(students)} students", dynamic_ncols=True), {}
+    for step in bar:
+        idx = torch.randint(len(x), (cfg.batch_size,), generator=g)
+        timesteps = torch.randint(0, T, (cfg.batch_size,), generator=g)
+        noise = torch.randn(cfg.batch_size, 1, 28, 28, generator=g)
+        noisy_latents, t = add_noise(x[idx], noise, timesteps).to(device), timesteps.to(device)  # (B, 1, 28, 28), (B,)
+        for name, s in students.items():
+            labels, _ = s.conditioner(y[idx].to(device), timesteps, generator=s.g)  # (B,): swaps, then null drops
+            with s.distiller:  # hooks on teacher and this student, removed when the block ends
+                with torch.no_grad():
+                    teacher_pred = teacher(noisy_latents, t, labels)
+                model_pred = s.unet.train()(noisy_latents, t, labels)
+                loss_kd_out = randcond.output_kd_loss(model_pred, teacher_pred)
+                loss_kd_feat = s.distiller.loss()
+            loss = cfg.lambda_out * loss_kd_out + cfg.lambda_feat * loss_kd_feat
+            s.opt.param_groups[0]["lr"] = 4e-3 * warmup_cosine(step, 50, cfg.student_steps)
+            s.opt.zero_grad()
+            loss.backward()
+            s.opt.step()
+            losses[name] = f"{loss_kd_out.item():.3f}/{loss_kd_feat.item():.3f}"  # loss_kd_out / loss_kd_feat
+        bar.set_postfix(losses, refresh=False)
+        if on_step:
+            on_step(step + 1, {name: s.unet for name, s in students.items()})
+    return {name: s.unet.eval().requires_grad_(False) for name, s in students.items()}
+
+
+# -----------------------------------------------------------------------------
+# Judge: a CNN classifier scores every model's samples; the same code distils a small one without the unseen digits
+def classifier(w: int) -> nn.Sequential:
+    return nn.Sequential(
+        *(nn.Conv2d(1, w, 3, padding=1), nn.ReLU(), nn.Conv2d(w, w, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)),
+        *(nn.Conv2d(w, 2 * w, 3, padding=1), nn.ReLU(), nn.Conv2d(2 * w, 2 * w, 3, padding=1), nn.ReLU()),
+        *(nn.MaxPool2d(2), nn.Flatten(), nn.Dropout(0.3), nn.Linear(2 * w * 49, 128), nn.ReLU(), nn.Linear(128, 10)),
+    )
+
+
+def train_classifier(model: nn.Module, x: Tensor, y: Tensor | None, steps: int, seed: int, teacher=None, temp=20.0):
+    """Cross-entropy on labels y or, given a teacher, Hinton distillation: KL between the teacher's and the
+    model's softmax at temperature temp, times temp^2 (a high temp carries "this 5 looks a bit like a 3")."""
+    g, device = torch.Generator().manual_seed(seed), next(model.parameters()).device
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
+    for step in tqdm(range(steps), desc="judge" if teacher is None else "classifier KD", dynamic_ncols=True):
+        idx = torch.randint(len(x), (128,), generator=g)
+        dx, dy = torch.randint(-2, 3, (2,), generator=g).tolist()  # one random shift per batch
+        images = torch.roll(x[idx], shifts=(dy, dx), dims=(2, 3)).to(device)
+        logits = model.train()(images)
+        if teacher is None:
+            loss = F.cross_entropy(logits, y[idx].to(device))
+        else:
+            with torch.no_grad():
+                soft = F.softmax(teacher(images) / temp, 1)
+            loss = F.kl_div(F.log_softmax(logits / temp, 1), soft, reduction="batchmean") * temp**2
+        opt.param_groups[0]["lr"] = 2e-3 * warmup_cosine(step, 20, steps)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, images: Tensor, labels: Tensor) -> float:
+    device = next(model.parameters()).device
+    pred = torch.cat([model(images[i : i + 1000].to(device)).argmax(1).cpu() for i in range(0, len(images), 1000)])
+    return float((pred == labels).float().mean())
+
+
+def judge_samples(cfg: argparse.Namespace, model: UNet, judge, digits: list[int]) -> tuple[Tensor, list[float]]:
+    """samples_per_digit DDIM samples of each digit (the same noise for every model), the judge's accuracy."""
+    n, device = cfg.samples_per_digit, next(model.parameters()).device
+    noise = torch.randn(10, n, 1, 28, 28, generator=torch.Generator().manual_seed(cfg.seed + 6))[digits].flatten(0, 1)
+    labels = torch.tensor(digits).repeat_interleave(n)  # (len(digits) n,), digit-major
+    samples = ddim_sample(model, labels.to(device), noise.to(device), cfg.sample_steps, cfg.guidance)
+    acc = [accuracy(judge, samples[i * n : (i + 1) * n].cpu(), torch.full((n,), d)) for i, d in enumerate(digits)]
+    return samples.cpu(), acc
+
+
+def evaluate(cfg: argparse.Namespace, models: dict, judge, out: Path) -> dict:
+    """Per-digit accuracy of every model, its samples in samples_NAME.png (rows = digits), all in comparison.png."""
+    results, grids = {}, {}
+    for name, model in tqdm(models.items(), desc="sampling", dynamic_ncols=True):
+        samples, acc = judge_samples(cfg, model, judge, list(range(10)))
+        seen, unseen = [a for d, a in enumerate(acc) if d not in cfg.unseen], [acc[d] for d in cfg.unseen]
+        results[name] = dict(params=sum(p.numel() for p in model.parameters()), per_class_accuracy=acc)
+        results[name] |= dict(seen_mean=float(np.mean(seen)), unseen_mean=float(np.mean(unseen)))
+        cells = ((samples.clamp(-1, 1) + 1) * 127.5).round().byte().view(10, -1, 28, 28)[:, :10]  # <= 10 a digit
+        rows = F.pad(cells, (2, 0, 2, 0)).permute(0, 2, 1, 3).flatten(2).flatten(0, 1)  # (10 * 30, columns * 30)
+        grids[name] = Image.fromarray(F.pad(rows, (0, 2, 0, 2)).numpy())  # one row per digit, 2 px apart
+        grids[name].save(out / f"samples_{name}.png")
+    # The README figure: a column per model, a row per digit (labelled on the left), the unseen digits in red.
+    (w, h), left, top = grids["teacher"].size, 60, 50
+    fig = Image.new("RGB", (left + len(grids) * (w + 10), h + top + 10), "white")
+    draw = ImageDraw.Draw(fig)
+    draw.text((10, 4), "rows: digits 0-9 (red: never seen by the students); columns: one model each", fill="black")
+    for d in range(10):
+        label, colour = (f"{d} unseen", "red") if d in cfg.unseen else (str(d), "black")
+        draw.text((10, top + (d + 0.5) * h / 10 - 6), label, fill=colour)
+    for i, (name, m) in enumerate(results.items()):
+        x0 = left + i * (w + 10)
+        fig.paste(grids[name], (x0, top))
+        draw.text((x0, 20), name.replace("_", " ").replace("rc", "RC"), fill="black")
+        draw.text((x0, 33), f"unseen {m['unseen_mean']:.2f} / seen {m['seen_mean']:.2f}", fill="black")
+        for d in cfg.unseen:
+            draw.rectangle((x0, top + d * h / 10, x0 + w - 1, top + (d + 1) * h / 10 - 1), outline="red", width=2)
+    fig.save(out / "comparison.png")
+    return results
+
+
+# -----------------------------------------------------------------------------
+# Data and I/O. Flags: one flat block; --preset quick makes the models tiny and the runs short (seconds)
 QUICK = dict(teacher_widths=[8, 16, 16], student_widths=[4, 8, 8], batch_size=64, samples_per_digit=4, sample_steps=5)
 QUICK |= dict(teacher_steps=60, judge_steps=60, classifier_steps=40, student_steps=40, teacher_images=64)
 QUICK_NOTE = "--preset quick trains tiny models for a few steps to exercise the code: its accuracies mean nothing"
@@ -75,7 +315,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--student-steps", type=int, default=2400, help="training steps of each student")
     p.add_argument("--batch-size", type=int, default=128, help="teacher and students")
     p.add_argument("--rc-schedule", choices=randcond.SCHEDULES, default="exp", help="p(t) of the RC student")
-    p.add_argument("--rc-lambda", type=float, default=2.0, help="lambda of p(t); published 5, here 2 (see the README)")
+    p.add_argument("--rc-lambda", type=float, help="lambda of exp, two_sided (default 2; published 5); p of constant")
     # fixed settings (the quick preset shrinks them): UNet widths per level, loss weights, ...
     p.set_defaults(teacher_widths=[24, 48, 48], student_widths=[12, 24, 24], judge_steps=600, classifier_steps=1500)
     p.set_defaults(lambda_out=1.0, lambda_feat=1.0, teacher_images=4096)
@@ -91,6 +331,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             raise SystemExit(f"error: --device {name}: this torch cannot use it on this machine; use --device cpu")
     if not all(0 <= u <= 9 for u in args.unseen) or len(set(args.unseen)) == 10:
         raise SystemExit("error: --unseen takes digits 0-9 and must leave at least one digit seen")
+    ignores_lambda = torch.equal(*(randcond.replace_prob(torch.arange(T), T, args.rc_schedule, v) for v in (0, 1)))
+    if ignores_lambda and args.rc_lambda is not None:  # the same p(t) at any lambda: a value given is a mistake
+        raise SystemExit(f"error: --rc-schedule {args.rc_schedule} does not read --rc-lambda; leave it out")
+    args.rc_lambda = None if ignores_lambda else 2.0 if args.rc_lambda is None else args.rc_lambda
     try:
         randcond.replace_prob(torch.zeros(1, dtype=torch.long), T, args.rc_schedule, args.rc_lambda)
     except ValueError as e:
@@ -98,8 +342,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-# -----------------------------------------------------------------------------
-# Data: the MNIST IDX files, MD5-checked, downloaded when missing
+# MNIST: the IDX files, MD5-checked, downloaded when missing
 MNIST_MD5 = {  # of the official .gz files
     "t10k-images-idx3-ubyte": "9fb629c4189551a2d022fa330f9573f3",
     "t10k-labels-idx1-ubyte": "ec29112dd5afa0611ce80d1b7f02629c",
@@ -163,124 +406,14 @@ def load_mnist(data_dir: str | Path, seed: int = 0) -> dict:
     return dict(x_train=x[train], y_train=y[train], x_heldout=x[held], y_heldout=y[held], split=True)
 
 
-# -----------------------------------------------------------------------------
-# Model: a small class-conditional UNet (teacher and students)
-class ResBlock(nn.Module):
-    def __init__(self, c_in: int, c_out: int, emb_dim: int):
-        super().__init__()
-        self.norm1 = nn.GroupNorm(math.gcd(8, c_in), c_in)
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
-        self.emb = nn.Linear(emb_dim, c_out)
-        self.norm2 = nn.GroupNorm(math.gcd(8, c_out), c_out)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
-        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
-
-    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
-        h = self.conv1(F.silu(self.norm1(x))) + self.emb(emb)[:, :, None, None]  # + timestep and label embedding
-        return self.conv2(F.silu(self.norm2(h))) + self.skip(x)
-
-
-class UNet(nn.Module):
-    """eps-prediction UNet on (timesteps, class labels); label num_classes is the null label. The image is folded
-    to 4 x 14 x 14 (pixel_unshuffle, ~4x cheaper); levels 14, 7, 4; blocks down.i / mid / up.i pair up by name."""
-
-    def __init__(self, widths: tuple[int, ...] = (32, 64, 64), num_classes: int = 10, emb_dim: int = 64):
-        super().__init__()
-        self.emb_dim = emb_dim
-        self.time_mlp = nn.Sequential(nn.Linear(emb_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-        self.label_emb = nn.Embedding(num_classes + 1, emb_dim)  # + the learned null label
-        self.conv_in = nn.Conv2d(4, widths[0], 3, padding=1)
-        self.down = nn.ModuleList(ResBlock(c, w, emb_dim) for c, w in zip([widths[0], *widths[:-1]], widths))
-        self.downsample = nn.ModuleList(nn.Conv2d(w, w, 3, stride=2, padding=1) for w in widths[:-1])
-        self.mid = ResBlock(widths[-1], widths[-1], emb_dim)
-        rev = widths[::-1]
-        self.up = nn.ModuleList(ResBlock(c + w, w, emb_dim) for c, w in zip([rev[0], *rev[:-1]], rev))  # + skip
-        self.upsample = nn.ModuleList(nn.Conv2d(w, w, 3, padding=1) for w in rev[:-1])
-        self.norm_out = nn.GroupNorm(math.gcd(8, widths[0]), widths[0])
-        self.conv_out = nn.Conv2d(widths[0], 4, 3, padding=1)
-
-    def forward(self, noisy_latents: Tensor, timesteps: Tensor, class_labels: Tensor) -> Tensor:
-        half = self.emb_dim // 2
-        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=timesteps.device) / half)
-        angles = timesteps.float()[:, None] * freqs[None]  # (B, half)
-        emb = self.time_mlp(torch.cat([angles.sin(), angles.cos()], 1)) + self.label_emb(class_labels)  # (B, E)
-        h = F.pixel_unshuffle(noisy_latents, 2).contiguous(memory_format=torch.channels_last)  # (B, 4, 14, 14)
-        h = self.conv_in(h)
-        skips = []
-        for block, downsample in zip(self.down, [*self.downsample, nn.Identity()]):
-            skips.append(block(h, emb))
-            h = downsample(skips[-1])
-        h = self.mid(h, emb)
-        for block, upsample in zip(self.up, [*self.upsample, None]):
-            skip = skips.pop()
-            h = block(torch.cat([h[..., : skip.shape[-2], : skip.shape[-1]], skip], 1), emb)  # 8 -> 7 crop
-            h = upsample(F.interpolate(h, scale_factor=2.0, mode="nearest")) if upsample else h
-        return F.pixel_shuffle(self.conv_out(F.silu(self.norm_out(h))), 2)  # (B, 1, 28, 28)
-
-
-# -----------------------------------------------------------------------------
-# Schedule and sampler: DDPM noise schedule, forward noising, deterministic DDIM with guidance
-# abar_t = prod_{s<=t} (1 - beta_s), with DDPM's linear betas from 1e-4 to 0.02. Shape (T,).
-ALPHAS_CUMPROD = torch.cumprod(1 - torch.linspace(1e-4, 0.02, T, dtype=torch.float64), 0).float()
-
-
-def add_noise(images: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
-    """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps."""
-    abar = ALPHAS_CUMPROD[timesteps].view(-1, 1, 1, 1)
-    return abar.sqrt() * images + (1 - abar).sqrt() * noise
-
-
-@torch.no_grad()
-def ddim_sample(model: nn.Module, labels: Tensor, noise: Tensor, steps: int, guidance: float) -> Tensor:
-    """DDIM (eta = 0) from the given noise; guided eps = eps_null + w (eps_label - eps_null), null label 10.
-    x0 is clipped to [-1, 1] at every step. Returns images (N, 1, 28, 28) in [-1, 1]."""
-    model.eval()
-    abar = ALPHAS_CUMPROD.to(noise.device)
-    timesteps = torch.linspace(T - 1, 0, steps).round().long().tolist()
-    out = []
-    for start in range(0, len(labels), 500):  # 500 samples at a time
-        x, y = noise[start : start + 500], labels[start : start + 500]
-        y2 = torch.cat([y, torch.full_like(y, 10)])
-        for i, t in enumerate(timesteps):
-            tt = torch.full((2 * len(y),), t, device=x.device, dtype=torch.long)
-            eps_cond, eps_null = model(torch.cat([x, x]), tt, y2).float().chunk(2)
-            eps = eps_null + guidance * (eps_cond - eps_null)
-            a_t = abar[t]
-            a_prev = abar[timesteps[i + 1]] if i + 1 < len(timesteps) else torch.tensor(1.0, device=x.device)
-            x0 = ((x - (1 - a_t).sqrt() * eps) / a_t.sqrt()).clamp(-1, 1)
-            eps = (x - a_t.sqrt() * x0) / (1 - a_t).sqrt()  # consistent with the clipped x0
-            x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
-        out.append(x)
-    return torch.cat(out)
-
-
-# -----------------------------------------------------------------------------
-# Teacher: plain denoising on all ten digits; saved with the settings that made it and a checksum
-def optimizer_step(opt: torch.optim.Optimizer, loss: Tensor, step: int, total: int, base: float, warmup=50) -> None:
-    """One AdamW step at a linear warm-up, then cosine decay to 0 (short runs converge better with it)."""
-    warm, cosine = (step + 1) / warmup, 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-    for group in opt.param_groups:
-        group["lr"] = base * (warm if step < warmup else cosine)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-
-
+# Checkpoints: teacher and judge, reused by later runs
 def sha256(state: dict[str, Tensor]) -> str:
     return hashlib.sha256(b"".join(k.encode() + state[k].numpy().tobytes() for k in sorted(state))).hexdigest()
 
 
-def save(model: nn.Module, path: Path, settings: dict) -> None:
-    """safetensors with the settings that made the model and a checksum of its weights."""
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    meta = {"settings": json.dumps(settings), "sha256": sha256(state)}
-    save_file(state, str(path.with_suffix(".tmp")), metadata=meta)
-    os.replace(path.with_suffix(".tmp"), path)  # never a half-written file under the real name
-
-
 def load_or_train(path: Path, settings: dict, model: nn.Module, train, retrain: bool) -> nn.Module:
-    """Load path into model if its settings match and its checksum verifies; else train(model) and save.
-    A damaged file is retrained, saying so, rather than loaded as a silently worse model."""
+    """Load path into model if its settings match and its checksum verifies, else train(model) and save it with both
+    (safetensors metadata). A damaged file is retrained, saying so, rather than loaded as a silently worse model."""
     if path.exists() and not retrain:
         try:
             state, saved = load_file(str(path)), safe_open(str(path), "pt").metadata()
@@ -292,52 +425,9 @@ def load_or_train(path: Path, settings: dict, model: nn.Module, train, retrain: 
             return model.eval().requires_grad_(False)
         print(f"{path}: {'saved with other settings' if verified else 'damaged (checksum or format)'}, retraining it")
     train(model)
-    save(model, path, settings)
-    return model.eval().requires_grad_(False)
-
-
-def train_teacher(cfg: argparse.Namespace, teacher: UNet, x: Tensor, y: Tensor) -> None:
-    g, device = torch.Generator().manual_seed(cfg.seed), next(teacher.parameters()).device
-    opt = torch.optim.AdamW(teacher.parameters(), lr=2e-3, weight_decay=0.0)
-    # Schedule "none": no label is swapped, only the null drop (for classifier-free guidance) applies.
-    null_drop = randcond.RandomConditioner(10, T, "none", null_condition=10)
-    for step in tqdm(range(cfg.teacher_steps), desc="teacher", dynamic_ncols=True):
-        idx = torch.randint(len(x), (cfg.batch_size,), generator=g)
-        timesteps = torch.randint(0, T, (cfg.batch_size,), generator=g)
-        noise = torch.randn(cfg.batch_size, 1, 28, 28, generator=g)
-        labels, _ = null_drop(y[idx], timesteps, generator=g)
-        noisy = add_noise(x[idx], noise, timesteps)
-        model_pred = teacher.train()(noisy.to(device), timesteps.to(device), labels.to(device))
-        optimizer_step(opt, F.mse_loss(model_pred.float(), noise.to(device)), step, cfg.teacher_steps, 2e-3)
-
-
-# -----------------------------------------------------------------------------
-# Judge: a CNN classifier; the same code distils a small one from it without the unseen digits
-def classifier(w: int) -> nn.Sequential:
-    return nn.Sequential(
-        *(nn.Conv2d(1, w, 3, padding=1), nn.ReLU(), nn.Conv2d(w, w, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)),
-        *(nn.Conv2d(w, 2 * w, 3, padding=1), nn.ReLU(), nn.Conv2d(2 * w, 2 * w, 3, padding=1), nn.ReLU()),
-        *(nn.MaxPool2d(2), nn.Flatten(), nn.Dropout(0.3), nn.Linear(2 * w * 49, 128), nn.ReLU(), nn.Linear(128, 10)),
-    )
-
-
-def train_classifier(model: nn.Module, x: Tensor, y: Tensor | None, steps: int, seed: int, teacher=None, temp=20.0):
-    """Cross-entropy on labels y or, given a teacher, Hinton distillation: KL between the teacher's and the
-    model's softmax at temperature temp, times temp^2 (a high temp carries "this 5 looks a bit like a 3")."""
-    g, device = torch.Generator().manual_seed(seed), next(model.parameters()).device
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
-    for step in tqdm(range(steps), desc="judge" if teacher is None else "classifier KD", dynamic_ncols=True):
-        idx = torch.randint(len(x), (128,), generator=g)
-        dx, dy = torch.randint(-2, 3, (2,), generator=g).tolist()  # one random shift per batch
-        images = torch.roll(x[idx], shifts=(dy, dx), dims=(2, 3)).to(device)
-        logits = model.train()(images)
-        if teacher is None:
-            loss = F.cross_entropy(logits, y[idx].to(device))
-        else:
-            with torch.no_grad():
-                soft = F.softmax(teacher(images) / temp, 1)
-            loss = F.kl_div(F.log_softmax(logits / temp, 1), soft, reduction="batchmean") * temp**2
-        optimizer_step(opt, loss, step, steps, 2e-3, warmup=20)
+    state, tmp = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, path.with_suffix(".tmp")
+    save_file(state, str(tmp), metadata={"settings": json.dumps(settings), "sha256": sha256(state)})
+    os.replace(tmp, path)  # never a half-written file under the real name
     return model.eval().requires_grad_(False)
 
 
@@ -352,96 +442,7 @@ def teacher_and_judge(cfg: argparse.Namespace, data: dict, device: torch.device,
     return teacher, judge
 
 
-@torch.no_grad()
-def accuracy(model: nn.Module, images: Tensor, labels: Tensor) -> float:
-    device = next(model.parameters()).device
-    pred = torch.cat([model(images[i : i + 1000].to(device)).argmax(1).cpu() for i in range(0, len(images), 1000)])
-    return float((pred == labels).float().mean())
-
-
 # -----------------------------------------------------------------------------
-# Students: distilled side by side on the same batches, noise and timesteps
-def train_students(cfg: argparse.Namespace, schedules: dict, teacher: UNet, x, y, on_step=None) -> dict:
-    """One student per {name: (schedule, lam)}: loss = lambda_out L_out + lambda_feat L_feat, on labels that
-    the schedule's p(t) swapped. on_step(step, students), if given, runs after every step."""
-    students, device = {}, next(teacher.parameters()).device
-    for name, (schedule, lam) in schedules.items():
-        torch.manual_seed(cfg.seed + 2)  # the same initial weights for every student
-        unet = UNet(cfg.student_widths).to(device, memory_format=torch.channels_last)
-        distiller = randcond.FeatureDistiller(teacher, unet, FEATURE_LAYERS)
-        zeros = torch.zeros(2, dtype=torch.long, device=device)  # a probe batch: makes the 1x1 projections
-        distiller.probe(torch.zeros(2, 1, 28, 28, device=device), zeros, zeros)  # student -> teacher widths
-        opt = torch.optim.AdamW([*unet.parameters(), *distiller.parameters()], lr=4e-3, weight_decay=0.0)
-        # The same conditioner seed for every student: randcond draws every coin (swap, pool index, null) for
-        # every sample whatever the schedule, so the students see the same nulls and differ only in swaps.
-        conditioner = randcond.RandomConditioner(10, T, schedule, lam, null_condition=10)
-        g = torch.Generator().manual_seed(cfg.seed + 3)
-        students[name] = SimpleNamespace(unet=unet, distiller=distiller, opt=opt, conditioner=conditioner, g=g)
-    g = torch.Generator().manual_seed(cfg.seed + 1)
-    bar, losses = tqdm(range(cfg.student_steps), desc=f"{len(students)} students", dynamic_ncols=True), {}
-    for step in bar:
-        idx = torch.randint(len(x), (cfg.batch_size,), generator=g)
-        timesteps = torch.randint(0, T, (cfg.batch_size,), generator=g)
-        noise = torch.randn(cfg.batch_size, 1, 28, 28, generator=g)
-        noisy_latents = add_noise(x[idx], noise, timesteps).to(device)  # (B, 1, 28, 28)
-        for name, s in students.items():
-            labels, _ = s.conditioner(y[idx], timesteps, generator=s.g)  # (B,): swaps, then null drops
-            labels, t = labels.to(device), timesteps.to(device)
-            with s.distiller:  # hooks on teacher and this student, removed when the block ends
-                with torch.no_grad():
-                    teacher_pred = teacher(noisy_latents, t, labels)
-                model_pred = s.unet.train()(noisy_latents, t, labels)
-                loss_kd_out = randcond.output_kd_loss(model_pred, teacher_pred)
-                loss_kd_feat = s.distiller.loss()
-            loss = cfg.lambda_out * loss_kd_out + cfg.lambda_feat * loss_kd_feat
-            optimizer_step(s.opt, loss, step, cfg.student_steps, 4e-3)
-            losses[name] = f"{loss_kd_out.item():.3f}/{loss_kd_feat.item():.3f}"  # loss_kd_out / loss_kd_feat
-        bar.set_postfix(losses, refresh=False)
-        if on_step:
-            on_step(step + 1, {name: s.unet for name, s in students.items()})
-    return {name: s.unet.eval().requires_grad_(False) for name, s in students.items()}
-
-
-# -----------------------------------------------------------------------------
-# The comparison: the same noise for every model, the judge scores every sample
-def judge_samples(cfg: argparse.Namespace, model: UNet, judge, digits: list[int]) -> tuple[Tensor, list[float]]:
-    """samples_per_digit DDIM samples of each digit (the same noise for every model), the judge's accuracy."""
-    n, device = cfg.samples_per_digit, next(model.parameters()).device
-    noise = torch.randn(10, n, 1, 28, 28, generator=torch.Generator().manual_seed(cfg.seed + 6))[digits].flatten(0, 1)
-    labels = torch.tensor(digits).repeat_interleave(n)  # (len(digits) n,), digit-major
-    samples = ddim_sample(model, labels.to(device), noise.to(device), cfg.sample_steps, cfg.guidance)
-    acc = [accuracy(judge, samples[i * n : (i + 1) * n].cpu(), torch.full((n,), d)) for i, d in enumerate(digits)]
-    return samples.cpu(), acc
-
-
-def evaluate(cfg: argparse.Namespace, models: dict, judge, out: Path) -> dict:
-    """Per-digit accuracy of every model, its samples in samples_NAME.png (rows = digits), all in comparison.png."""
-    results, grids = {}, {}
-    for name, model in tqdm(models.items(), desc="sampling", dynamic_ncols=True):
-        samples, acc = judge_samples(cfg, model, judge, list(range(10)))
-        seen, unseen = [a for d, a in enumerate(acc) if d not in cfg.unseen], [acc[d] for d in cfg.unseen]
-        results[name] = dict(params=sum(p.numel() for p in model.parameters()), per_class_accuracy=acc)
-        results[name] |= dict(seen_mean=float(np.mean(seen)), unseen_mean=float(np.mean(unseen)))
-        cells = ((samples.clamp(-1, 1) + 1) * 127.5).round().byte().view(10, -1, 28, 28)[:, :10]  # <= 10 a digit
-        rows = F.pad(cells, (2, 0, 2, 0)).permute(0, 2, 1, 3).flatten(2).flatten(0, 1)  # (10 * 30, columns * 30)
-        grids[name] = Image.fromarray(F.pad(rows, (0, 2, 0, 2)).numpy())  # one row per digit, 2 px apart
-        grids[name].save(out / f"samples_{name}.png")
-    # The README figure: the grids side by side, the unseen digits' rows boxed in red.
-    w, h = grids["teacher"].size
-    fig = Image.new("RGB", (len(grids) * (w + 10) + 10, h + 60), "white")
-    draw = ImageDraw.Draw(fig)
-    draw.text((10, 4), f"rows: digits 0-9; boxed: {cfg.unseen}, never seen by the students", fill="black")
-    for i, (name, m) in enumerate(results.items()):
-        x0 = 10 + i * (w + 10)
-        fig.paste(grids[name], (x0, 50))
-        draw.text((x0, 20), name.replace("_", " ").replace("rc", "RC"), fill="black")
-        draw.text((x0, 33), f"unseen {m['unseen_mean']:.2f} / seen {m['seen_mean']:.2f}", fill="black")
-        for d in cfg.unseen:
-            draw.rectangle((x0, 50 + d * h / 10, x0 + w - 1, 50 + (d + 1) * h / 10 - 1), outline="red", width=2)
-    fig.save(out / "comparison.png")
-    return results
-
-
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_args(argv)
     auto = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
@@ -480,9 +481,9 @@ def main(argv: list[str] | None = None) -> dict:
     report = dict(note=QUICK_NOTE if cfg.preset == "quick" else None, config=vars(cfg), unseen=list(cfg.unseen))
     report |= dict(device=str(device), threads=torch.get_num_threads(), timings_s=timings)
     sizes = dict(train=len(x), heldout=len(data["x_heldout"]), students=len(x_seen), test_split_only=data["split"])
-    report |= dict(data=sizes)
     judge_acc = accuracy(judge, data["x_heldout"], data["y_heldout"])
-    report |= dict(judge_heldout_accuracy=judge_acc, classifier_unseen_accuracy=classifier_acc, models=models)
+    report |= dict(data=sizes, judge_heldout_accuracy=judge_acc, classifier_unseen_accuracy=classifier_acc)
+    report |= dict(models=models)
     (out / "results.json").write_text(json.dumps(report, indent=2))
     print(f"\n{'model':<14}{'params':>8} " + "".join(f"{d:>5}" for d in range(10)) + "   seen  unseen")
     for name, m in models.items():

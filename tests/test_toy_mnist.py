@@ -173,6 +173,19 @@ def test_bad_flags_are_one_line_errors(argv):
     one_line_error(e)
 
 
+@pytest.mark.parametrize("schedule", ["sigmoid", "none"])
+def test_rc_lambda_is_refused_where_p_t_does_not_read_it(schedule):
+    with pytest.raises(SystemExit) as e:
+        tm.parse_args(["--rc-schedule", schedule, "--rc-lambda", "2"])
+    assert "--rc-lambda" in one_line_error(e)
+    assert tm.parse_args(["--rc-schedule", schedule]).rc_lambda is None  # nothing recorded that p(t) ignores
+
+
+def test_rc_lambda_defaults_to_2_where_p_t_reads_it():
+    assert tm.parse_args([]).rc_lambda == 2.0 and tm.parse_args(["--rc-schedule", "two_sided"]).rc_lambda == 2.0
+    assert tm.parse_args(["--rc-schedule", "constant", "--rc-lambda", "0.3"]).rc_lambda == 0.3
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 def test_device_cuda_without_cuda_is_a_clear_error():
     with pytest.raises(SystemExit) as e:
@@ -239,6 +252,37 @@ def test_unet_shapes_and_deterministic_ddim():
     assert a.shape == (6, 1, 28, 28) and a.abs().max() <= 1 + 1e-5
     # each sample depends on its own noise and label only; batch size changes float rounding (2.6e-4 seen on 2 threads)
     assert torch.allclose(a[:3], b, atol=2e-3)
+
+
+def test_ddim_from_a_noised_image():
+    """start = t denoises an image noised to t: at t = 0 one step returns the image itself (up to sqrt(1 - abar_0)
+    = 0.01 of the predicted noise); start = T - 1 is the default."""
+    torch.manual_seed(0)
+    model = tm.UNet((8, 16, 16)).eval()
+    images, labels = torch.rand(3, 1, 28, 28) * 2 - 1, torch.tensor([1, 2, 3])
+    x_0 = tm.add_noise(images, torch.randn_like(images), torch.zeros(3, dtype=torch.long))
+    assert torch.allclose(tm.ddim_sample(model, labels, x_0, steps=1, guidance=1.0, start=0), images, atol=0.05)
+    noise = torch.randn(3, 1, 28, 28)
+    assert torch.equal(
+        tm.ddim_sample(model, labels, noise, 3, 2.0), tm.ddim_sample(model, labels, noise, 3, 2.0, tm.T - 1)
+    )
+
+
+def test_comparison_figure_labels_rows_and_columns(tmp_path):
+    """comparison.png names each model above its column and each digit left of its row, the unseen one in red."""
+    cfg = tm.parse_args(["--preset", "quick", "--unseen", "3"])
+    torch.manual_seed(0)
+    models = {name: tm.UNet(cfg.teacher_widths).eval() for name in ("teacher", "student_no_rc", "student_rc")}
+    tm.evaluate(cfg, models, tm.classifier(4).eval(), tmp_path)
+    fig = np.asarray(tm.Image.open(tmp_path / "comparison.png").convert("RGB")).astype(int)
+    left, top, row = 60, 50, 30  # the layout evaluate draws: label margin, title and names, one row per digit
+    label = fig[top : top + 10 * row, :left]  # (10 * row, left, 3)
+    ink = (label.sum(-1) < 600).reshape(10, row, left).any(axis=(1, 2))
+    red = ((label[..., 0] > 150) & (label[..., 1] < 100)).reshape(10, row, left).any(axis=(1, 2))
+    assert ink.all() and red.tolist() == [d == 3 for d in range(10)]
+    names = fig[15:32, left:]  # a model's name above every column
+    width = (fig.shape[1] - left) // 3
+    assert all((names[:, i * width : (i + 1) * width].sum(-1) < 300).any() for i in range(3))
 
 
 def test_student_is_a_quarter_of_the_teacher():
