@@ -147,6 +147,59 @@ def test_token_features_meet_per_token_with_linear_projections():
 
 
 # -----------------------------------------------------------------------------
+# paired data
+
+
+def test_sdxl_cache_holds_the_teachers_latents_at_its_native_resolution(tiny_sdxl, sdxl_cache):
+    from diffusers import StableDiffusionXLPipeline
+
+    meta = json.loads((sdxl_cache / "meta.json").read_text())
+    assert meta["family"] == "sdxl" and meta["resolution"] == 64 and meta["latent_shape"] == [4, 8, 8]
+    lat, _ = train.LatentCache(sdxl_cache).get(np.array([3]))
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe(
+        [PROMPTS[3]],
+        height=64,
+        width=64,
+        num_inference_steps=2,
+        guidance_scale=7.5,
+        generator=[torch.Generator().manual_seed(1234 + 3)],
+        output_type="latent",
+    ).images
+    torch.testing.assert_close(lat[0].float(), ref[0], atol=2e-3, rtol=2e-3)
+
+
+def test_sdxl_images_are_encoded_by_the_float32_vae_with_its_own_scale(tiny_sdxl, tmp_path):
+    from diffusers import AutoencoderKL
+    from PIL import Image
+
+    pipe, _, _ = train.load_models(str(tiny_sdxl), "koala_700m", None, torch.bfloat16, torch.device("cpu"))
+    assert pipe.unet.dtype == torch.bfloat16 and pipe.text_encoder_2.dtype == torch.bfloat16
+    assert pipe.vae.dtype == torch.float32  # force_upcast: SDXL's VAE overflows in half precision
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(imgs / "0.png")
+    (imgs / "metadata.jsonl").write_text(json.dumps({"file_name": "0.png", "text": "a cat"}))
+    run_inproc(
+        tiny_sdxl,
+        tmp_path / "data",
+        tmp_path / "o",
+        "--images",
+        str(imgs),
+        "--max-steps",
+        "0",
+        "--student",
+        "koala_700m",
+    )
+    lat, _ = train.LatentCache(tmp_path / "data").get(np.arange(1))
+    vae = AutoencoderKL.from_pretrained(tiny_sdxl, subfolder="vae")
+    x = torch.from_numpy(np.array(Image.open(imgs / "0.png"))).permute(2, 0, 1)[None].float() / 127.5 - 1
+    ref = vae.encode(x).latent_dist.mean * 0.13025
+    torch.testing.assert_close(lat.float(), ref, atol=2e-3, rtol=2e-3)
+
+
+# -----------------------------------------------------------------------------
 # conditioning: what training feeds the UNet is what the exported pipeline feeds it
 
 
