@@ -290,7 +290,8 @@ class FeatureDistiller(nn.Module):
     """Feature distillation through forward hooks.
 
     L_feat = sum over hooked layers l of mean((P_l(student_l) - teacher_l)^2), float32, teacher detached,
-    where P_l is a 1x1 convolution (student channels -> teacher channels) where they differ, else identity.
+    where P_l maps student to teacher channels where they differ (else identity): a 1x1 convolution on
+    (B, C, H, W) maps, a linear layer on (B, N, C) token sequences (attention outputs, SD 2 / SDXL proj_out).
 
     layers: module names present in both models, or a dict student name -> teacher name.
     Hooks are live only inside `with distiller:` and are removed on exit. The projections are this
@@ -356,12 +357,15 @@ class FeatureDistiller(nn.Module):
         with self:
             teacher(*inputs, **kwargs)
             student(*inputs, **kwargs)
-            for name, s, t in zip(self.pairs, *self.features()):  # (B, C, H, W) each
-                if s.shape[2:] != t.shape[2:]:
-                    raise ValueError(f"{name!r}: student {tuple(s.shape)} and teacher {tuple(t.shape)} differ in H, W")
+            for name, s, t in zip(self.pairs, *self.features()):
+                tokens = s.dim() == 3  # (B, N, C) sequences are compared per token, (B, C, H, W) maps per pixel
+                c = -1 if tokens else 1  # the channel dimension: only its width may differ, bridged by a projection
+                if s.dim() != t.dim() or s.movedim(c, -1).shape[:-1] != t.movedim(c, -1).shape[:-1]:
+                    raise ValueError(f"{name!r}: student {tuple(s.shape)}, teacher {tuple(t.shape)}: positions differ")
                 key = name.replace(".", "__")
-                if s.shape[1] != t.shape[1] and key not in self.proj:
-                    self.proj[key] = nn.Conv2d(s.shape[1], t.shape[1], kernel_size=1).to(s.device)
+                if s.shape[c] != t.shape[c] and key not in self.proj:
+                    layer = nn.Linear(s.shape[c], t.shape[c]) if tokens else nn.Conv2d(s.shape[c], t.shape[c], 1)
+                    self.proj[key] = layer.to(s.device)
 
     def loss(self) -> Tensor:
         """Sum over layers of the float32 MSE between (projected) student and detached teacher features.

@@ -1,9 +1,9 @@
 """
 Compress Stable Diffusion with Random Conditioning distillation (Kim et al., CVPR 2025).
 
-A BK-SDM-style student UNet learns to copy a frozen Stable Diffusion teacher (output + block-feature
-distillation) on cached latents, while the caption fed to both is often swapped for a random one from
-a large text pool (randcond.py). The latent cache is built by this script when missing.
+A BK-SDM-style student UNet (KOALA-style for SDXL) learns to copy a frozen Stable Diffusion v1 / v2 or
+SDXL teacher (output + feature distillation) on cached latents, while the caption fed to both is often
+swapped for a random one from a large text pool (randcond.py). The latent cache is built here when missing.
 
 One GPU (or CPU, or a quick look; no torchrun needed):
     python train.py --teacher CompVis/stable-diffusion-v1-4 --student bk_base \
@@ -44,7 +44,8 @@ from tqdm import tqdm
 
 from randcond import SCHEDULES, FeatureDistiller, RandomConditioner, TextPool, output_kd_loss, relational_kd_loss
 
-STUDENTS = ("bk_base", "bk_small", "bk_tiny", "c_base", "c_small", "c_tiny", "c_micro")
+STUDENTS = ("bk_base", "bk_small", "bk_tiny", "c_base", "c_small", "c_tiny", "c_micro", "koala_1b", "koala_700m")
+KOALA = {"koala_1b": (6, True), "koala_700m": (5, False)}  # SDXL students: blocks in the last stage, mid block kept
 C_WIDTHS = {"c_base": 256, "c_small": 224, "c_tiny": 192, "c_micro": 160}  # base width, SD's is 320
 # feature-KD layers of the official trainer: C-series (same names in teacher and student) and bk_tiny
 C_LAYERS = (
@@ -100,9 +101,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = Parser(description=__doc__.split("\n\n")[1], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     on_off = argparse.BooleanOptionalAction
     # models
-    p.add_argument("--teacher", default="CompVis/stable-diffusion-v1-4", help="diffusers SD pipeline: hub id or folder")
+    p.add_argument(
+        "--teacher", default="CompVis/stable-diffusion-v1-4", help="SD v1/v2 or SDXL pipeline: hub id or folder"
+    )
     p.add_argument("--student", default="bk_base", help=f"one of {', '.join(STUDENTS)}, or a UNet config.json")
-    p.add_argument("--init", choices=["teacher", "random"], help="default: teacher for bk_*, random otherwise")
+    p.add_argument("--init", choices=["teacher", "random"], help="default: teacher for bk_* and koala_*, else random")
     # paired data: a latent cache, built from prompts (image-free) or from captioned images when missing
     p.add_argument("--data", required=True, help="latent cache folder (built here when it has no meta.json)")
     p.add_argument("--prompts", help="text file, one prompt a line: the teacher generates the latents")
@@ -239,26 +242,67 @@ def load_models(teacher: str, student: str, init: str | None, dtype: torch.dtype
     """(teacher pipeline, student UNet in fp32, {student layer: teacher layer} for feature KD).
     The student is copied from the teacher's full-precision weights; only then is the frozen teacher
     cast to dtype (BK-SDM does the same: a copy of cast weights would start the student rounded)."""
-    from diffusers import PNDMScheduler, StableDiffusionPipeline
+    from diffusers import DiffusionPipeline, PNDMScheduler
 
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(teacher, **NO_SAFETY_CHECKER)
+        kind = DiffusionPipeline.load_config(teacher).get("_class_name")
+        if kind not in ("StableDiffusionPipeline", "StableDiffusionXLPipeline"):
+            raise ValueError(f"it holds a {kind}")
+        if student in STUDENTS and student.startswith("koala_") != (kind == "StableDiffusionXLPipeline"):
+            which = "an SDXL" if kind == "StableDiffusionXLPipeline" else "a Stable Diffusion v1/v2"
+            fail(f"--student {student} does not fit {which} teacher; koala_* students need SDXL, the others SD v1/v2")
+        pipe = DiffusionPipeline.from_pretrained(teacher, **({} if "XL" in kind else NO_SAFETY_CHECKER))
     except (OSError, ValueError, TypeError) as e:
         why = str(e).strip().splitlines()[0]
-        fail(f"--teacher {teacher} is not a loadable diffusers Stable Diffusion pipeline (unet, vae, ...): {why}")
-    pipe.scheduler = PNDMScheduler.from_config(pipe.scheduler.config)  # the paper's sampler, for cache and grids
+        fail(f"--teacher {teacher} is not a loadable diffusers Stable Diffusion or SDXL pipeline: {why}")
+    if family(pipe) == "sd":  # SD: the paper's sampler, for the cache and the grids; SDXL keeps its own
+        pipe.scheduler = PNDMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     unet, layers = build_student(pipe.unet, student, init)
-    for m in (pipe.unet, pipe.vae, pipe.text_encoder):
-        m.requires_grad_(False).eval().to(device, dtype)
+    for m in pipe.components.values():
+        if isinstance(m, nn.Module):
+            m.requires_grad_(False).eval().to(device, dtype)
+    if pipe.vae.config.get("force_upcast"):  # SDXL's VAE overflows in float16: it encodes and decodes in fp32
+        pipe.vae.float()
     return pipe, unet.to(device), layers
+
+
+def family(pipe) -> str:
+    return "sdxl" if "text_encoder_2" in pipe.components else "sd"
+
+
+def encode_text(pipe, captions: list[str], resolution: int) -> dict:
+    """The UNet's conditioning keyword arguments for these captions, from the pipeline's own encode_prompt:
+    SD: the text encoder's last states (B, 77, D). SDXL: both encoders' penultimate states concatenated
+    (B, 77, 2048), plus added_cond_kwargs: the pooled text (B, 1280) and the time ids (original size,
+    crop corner, target size) of a square image at the training resolution, as the pipeline passes at that
+    size. The empty caption (the null condition) becomes zeros where the pipeline samples its unconditional
+    branch with zeros (SDXL's force_zeros_for_empty_prompt), so training sees what sampling will use."""
+    device = pipe.unet.device
+    if family(pipe) == "sdxl":
+        embeds, _, pooled, _ = pipe.encode_prompt(captions, device=device, do_classifier_free_guidance=False)
+    else:
+        (embeds, _), pooled = pipe.encode_prompt(captions, device, 1, do_classifier_free_guidance=False), None
+    if pipe.config.get("force_zeros_for_empty_prompt"):
+        keep = torch.tensor([c != "" for c in captions], device=device)
+        embeds, pooled = embeds * keep[:, None, None], pooled * keep[:, None]
+    if pooled is None:
+        return dict(encoder_hidden_states=embeds)
+    time_ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]] * len(captions), device=device)
+    added = dict(text_embeds=pooled, time_ids=time_ids.to(embeds.dtype))
+    return dict(encoder_hidden_states=embeds, added_cond_kwargs=added)
 
 
 def student_config(teacher_config: dict, name: str) -> dict:
     """Derive a student UNet config from the teacher's, so SD v2 and non-512 teachers work too."""
     cfg = {k: v for k, v in dict(teacher_config).items() if not k.startswith("_")}
     n_blocks = len(cfg["block_out_channels"])
-    if name.startswith("bk_"):
+    if name in KOALA:  # one resnet per stage, fewer transformer blocks in the last stage and the mid block
+        depth, mid = KOALA[name]
+        cfg["layers_per_block"] = 1
+        cfg["transformer_layers_per_block"] = [*cfg["transformer_layers_per_block"][:-1], depth]
+        cfg["mid_block_type"] = cfg["mid_block_type"] if mid else None
+    elif name.startswith("bk_"):
         cfg["layers_per_block"] = 1  # one resnet (+ attention) per stage instead of two
         if name in ("bk_small", "bk_tiny"):
             cfg["mid_block_type"] = None
@@ -282,7 +326,8 @@ def student_config(teacher_config: dict, name: str) -> dict:
 
 
 def teacher_name(student_param: str, student: str) -> str:
-    """The teacher parameter a block-pruned student parameter is copied from (BK-SDM's mapping)."""
+    """The teacher parameter a block-pruned student parameter is copied from (BK-SDM's mapping, also
+    KOALA's). An attention with fewer transformer blocks keeps the teacher's first ones (same names)."""
     parts = student_param.split(".")
     if parts[0] == "up_blocks":
         if student == "bk_tiny":  # the first up stage is gone: student stage k is teacher stage k+1
@@ -304,7 +349,7 @@ def build_student(teacher_unet: nn.Module, spec: str, init: str | None):
             cfg = json.loads(path.read_text())
         except (OSError, ValueError) as e:
             fail(f"--student {spec}: not a readable UNet config.json ({e})")
-    init = init or ("teacher" if spec.startswith("bk_") else "random")
+    init = init or ("random" if spec in C_WIDTHS or spec not in STUDENTS else "teacher")
     student = UNet2DConditionModel.from_config(cfg)
     if init == "teacher":
         if spec in C_WIDTHS:
@@ -324,6 +369,10 @@ def build_student(teacher_unet: nn.Module, spec: str, init: str | None):
             print0(f"teacher init: {len(state)} tensors copied by name, {len(missing)} left random")
     if spec == "bk_tiny":
         layers = BK_TINY_LAYERS
+    elif spec in KOALA:  # every kept transformer block's self-attention, the first downsampler, the last resnet
+        names = [n for n, _ in student.named_modules() if n.endswith(".attn1")]
+        names += ["down_blocks.0.downsamplers.0.conv", f"up_blocks.{len(student.up_blocks) - 1}.resnets.1.conv2"]
+        layers = {name: teacher_name(name, spec) for name in names}
     elif spec in C_WIDTHS:
         layers = {name: name for name in C_LAYERS}
     else:  # stage outputs, as published for bk_base / bk_small
@@ -338,19 +387,18 @@ class Student(nn.Module):
     """What DDP wraps: the student UNet and the feature distiller (its 1x1 projections), so one forward uses
     every trainable parameter and DDP reduces them all in one backward."""
 
-    def __init__(self, args, pipe, unet: nn.Module, layers: dict, latent_shape: tuple, autocast):
+    def __init__(self, args, pipe, unet: nn.Module, layers: dict, latent_shape: tuple, cond: dict, autocast):
         super().__init__()
         self.unet, self.distiller = unet, None
         self.feat, self.rel = args.lambda_feat > 0, args.lambda_rel > 0
         print0(f"teacher UNet {n_params(pipe.unet)} params, student {args.student} {n_params(unet)}")
         if self.feat or self.rel:
-            x = torch.zeros(1, *latent_shape, device=unet.device)
-            ehs = torch.zeros(1, pipe.tokenizer.model_max_length, pipe.text_encoder.config.hidden_size, device=x.device)
+            x = torch.zeros(1, *latent_shape, device=unet.device)  # cond: one sample's conditioning
             try:
                 self.distiller = FeatureDistiller(pipe.unet, unet, layers)
                 if self.feat:  # a projection wherever student and teacher widths differ
                     with autocast:
-                        self.distiller.probe(x, torch.tensor([1], device=x.device), ehs)
+                        self.distiller.probe(x, torch.tensor([1], device=x.device), **cond)
             except ValueError as e:
                 fail(f"feature KD layers do not match: {e}; set --lambda-feat 0 --lambda-rel 0")
             proj = self.distiller.proj
@@ -361,8 +409,9 @@ class Student(nn.Module):
             compile_blocks(unet, pipe.unet, layers)
         self.to(unet.device)
 
-    def forward(self, noisy_latents, timesteps, encoder_hidden_states):
-        model_pred = self.unet(noisy_latents, timesteps, encoder_hidden_states).sample  # (B, 4, h, w)
+    def forward(self, noisy_latents, timesteps, encoder_hidden_states, added_cond_kwargs=None):
+        model_pred = self.unet(noisy_latents, timesteps, encoder_hidden_states, added_cond_kwargs=added_cond_kwargs)
+        model_pred = model_pred.sample  # (B, 4, h, w)
         loss_rel = loss_kd_feat = model_pred.new_zeros((), dtype=torch.float32)
         if self.rel:  # before loss(), which clears the stored activations
             loss_rel = relational_kd_loss(*self.distiller.features())  # (student, teacher) lists
@@ -465,7 +514,8 @@ def open_cache(args, source, pipe, resolution: int, latent_shape: tuple, rank: i
     if source is not None:
         kind, items = source
         digest = hashlib.sha256(json.dumps(items).encode()).hexdigest()
-        made = {"source": kind, "list_sha256": digest, "teacher": args.teacher, "resolution": resolution}
+        made = {"source": kind, "list_sha256": digest, "teacher": args.teacher, "family": family(pipe)}
+        made["resolution"] = resolution
         made["shard_size"] = args.shard_size
         if kind == "prompts":  # what the cached latents are a function of
             made |= {"gen_steps": args.gen_steps, "gen_guidance": args.gen_guidance, "seed": args.seed}
@@ -502,10 +552,13 @@ def open_cache(args, source, pipe, resolution: int, latent_shape: tuple, rank: i
             if dist.is_initialized():
                 dist.barrier()
     cache = LatentCache(data)
-    if tuple(cache.meta["latent_shape"]) != latent_shape:
-        have = f"cache {data} holds latents of shape {tuple(cache.meta['latent_shape'])}"
-        fix = f"set --resolution {cache.meta['resolution']} or use a new --data"
-        fail(f"{have}, the teacher at {resolution}px needs {latent_shape}; {fix}")
+    meta = cache.meta
+    have = (meta.get("family", "sd"), meta["resolution"], tuple(meta["latent_shape"]))  # "sd": made before SDXL
+    if have != (family(pipe), resolution, latent_shape):  # never train one family on the other's latents
+        same = have[0] == family(pipe)
+        fix = f"set --resolution {meta['resolution']} or use a new --data" if same else "use a new --data"
+        made = f"cache {data} holds {have[0]} latents of shape {have[2]} at {have[1]}px"
+        fail(f"{made}; the {family(pipe)} teacher at {resolution}px needs {latent_shape}; {fix}")
     print0(f"paired data: {len(cache)} cached latents {latent_shape} from {cache.meta['source']}")
     return cache
 
@@ -515,7 +568,7 @@ def encode_shard(items, kind, pipe, args, resolution, start: int) -> np.ndarray:
     """Latents (n, 4, h, w) float16 for one shard: teacher samples for prompts, VAE means for images."""
     from PIL import Image, ImageOps
 
-    device, dtype, out = pipe.unet.device, pipe.unet.dtype, []
+    device, out = pipe.unet.device, []
     sampling = dict(height=resolution, width=resolution, num_inference_steps=args.gen_steps)
     for i in range(0, len(items), args.batch_size):
         batch = items[i : i + args.batch_size]
@@ -528,7 +581,7 @@ def encode_shard(items, kind, pipe, args, resolution, start: int) -> np.ndarray:
             images = [Image.open(Path(args.images) / file).convert("RGB") for file, _ in batch]
             # the largest centred square, resized to the training resolution
             images = [np.array(ImageOps.fit(img, (resolution, resolution), Image.BICUBIC)) for img in images]
-            x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).to(device, dtype) / 127.5 - 1  # (B, 3, H, W)
+            x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).to(device, pipe.vae.dtype) / 127.5 - 1
             # the posterior mean: its std is tiny for SD's VAE, and a cache should not freeze one noise draw
             latents = pipe.vae.encode(x).latent_dist.mean * pipe.vae.config.scaling_factor
         out.append(latents.float().cpu().numpy().astype(np.float16))
@@ -648,12 +701,12 @@ def find_checkpoint(args, world_size: int) -> Path:
     return path
 
 
-def export(unet, ema_params, args, out: Path) -> None:
+def export(pipe, unet, ema_params, args, out: Path) -> None:
     """unet/ (EMA weights when EMA is on, as BK-SDM publishes; raw ones in unet_no_ema/) inside the
-    teacher's own pipeline (its fp32 VAE, text encoder, tokenizer and scheduler): a folder that
-    StableDiffusionPipeline.from_pretrained loads. Written beside, then moved in part by part, so a
-    crash here leaves the checkpoints and any older export intact."""
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    teacher's own pipeline of the teacher's class (its fp32 VAE, text encoders, tokenizers, scheduler): a
+    folder that DiffusionPipeline.from_pretrained loads and samples, SDXL included. Written beside, then
+    moved in part by part, so a crash here leaves the checkpoints and any older export intact."""
+    from diffusers import UNet2DConditionModel
 
     tmp = out / ".export.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -663,7 +716,8 @@ def export(unet, ema_params, args, out: Path) -> None:
         final.save_pretrained(tmp / "unet_no_ema")
         for p, e in zip(final.parameters(), ema_params):
             p.data.copy_(e)
-    StableDiffusionPipeline.from_pretrained(args.teacher, unet=final, **NO_SAFETY_CHECKER).save_pretrained(tmp)
+    extra = NO_SAFETY_CHECKER if family(pipe) == "sd" else {}
+    type(pipe).from_pretrained(args.teacher, unet=final, **extra).save_pretrained(tmp)
     for item in sorted(tmp.iterdir()):
         target = out / item.name
         if target.is_dir():
@@ -715,7 +769,8 @@ class Trainer:
         self.conditioner = RandomConditioner(pool, T, schedule=schedule, lam=args.rc_lambda, null_prob=args.null_prob)
 
         # --- student, optimizer, EMA, resume, DDP
-        self.student = self.model = Student(args, self.pipe, unet, layers, latent_shape, self.autocast)
+        example = self.encode([""])  # one sample's conditioning, for the projections' probe
+        self.student = self.model = Student(args, self.pipe, unet, layers, latent_shape, example, self.autocast)
         params = [p for p in self.student.parameters() if p.requires_grad]
         kernel = {"fused": True} if cuda else {"foreach": True}  # one kernel, not one per tensor
         adamw = dict(lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
@@ -733,6 +788,11 @@ class Trainer:
         batch = f"{world_size} processes x batch {args.batch_size} x {self.grad_accum} accumulation"
         print0(f"{batch} = {args.total_batch_size} per step, {args.max_steps} steps on {device.type}, autocast {dtype}")
 
+    @torch.no_grad()
+    def encode(self, captions: list[str]) -> dict:
+        with self.autocast:
+            return encode_text(self.pipe, captions, self.resolution)
+
     def draw_batch(self, micro_step: int) -> dict:
         """Everything random in one micro-step, on the CPU, from this (rank, micro-step)'s own stream."""
         g = draw_generator(self.args.seed, self.rank, self.world_size, micro_step)
@@ -747,17 +807,15 @@ class Trainer:
 
     def losses(self, batch: dict) -> dict[str, torch.Tensor]:
         """Teacher and student on the same noisy latents and captions: each loss term and the weighted sum."""
-        args, pipe, tokenizer = self.args, self.pipe, self.pipe.tokenizer
-        ids = tokenizer(batch["captions"], padding="max_length", max_length=tokenizer.model_max_length, truncation=True)
-        input_ids = torch.tensor(ids.input_ids, device=self.device)  # (B, 77)
+        args = self.args
         latents, noise, timesteps = (batch[k].to(self.device) for k in ("latents", "noise", "timesteps"))
         noisy_latents = self.noise_scheduler.add_noise(latents.float(), noise, timesteps)  # q(x_t | x_0)
+        cond = self.encode(batch["captions"])  # encoder_hidden_states (B, 77, D) (+ SDXL's added_cond_kwargs)
         with self.student.distiller if self.student.distiller is not None else contextlib.nullcontext():
             with torch.no_grad(), self.autocast:
-                encoder_hidden_states = pipe.text_encoder(input_ids)[0]  # (B, 77, D)
-                teacher_pred = pipe.unet(noisy_latents, timesteps, encoder_hidden_states).sample
+                teacher_pred = self.pipe.unet(noisy_latents, timesteps, **cond).sample
             with self.autocast:
-                model_pred, loss_kd_feat, loss_rel = self.model(noisy_latents, timesteps, encoder_hidden_states)
+                model_pred, loss_kd_feat, loss_rel = self.model(noisy_latents, timesteps, **cond)
         loss_kd_out = output_kd_loss(model_pred, teacher_pred)
         loss_task = torch.zeros_like(loss_kd_out)
         if args.lambda_task > 0:  # denoising loss over paired samples only
@@ -869,18 +927,20 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self) -> None:
-        """A grid of the fixed validation prompts, fixed seeds, so grids compare across steps and runs."""
-        from diffusers import StableDiffusionPipeline
+        """A grid of the fixed validation prompts, fixed seeds, so grids compare across steps and runs; sampled
+        by the teacher's pipeline class holding the student, as the exported folder will be."""
         from PIL import Image
 
-        components = self.pipe.components | {"unet": self.student.unet}
-        pipe = StableDiffusionPipeline(**components, requires_safety_checker=False)
+        pipe = type(self.pipe).from_pipe(self.pipe, unet=self.student.unet)
         pipe.set_progress_bar_config(disable=True)
         gens = [torch.Generator(self.device).manual_seed(self.args.seed + i) for i in range(len(VALIDATION_PROMPTS))]
         sampling = dict(height=self.resolution, width=self.resolution, num_inference_steps=self.args.validation_steps)
         with self.autocast:
-            images = pipe(VALIDATION_PROMPTS, **sampling, generator=gens, output_type="np").images  # (N, H, W, 3)
-        grid = (np.concatenate(list(images), axis=1) * 255).round().astype(np.uint8)  # [0, 1] to a row of images
+            latents = pipe(VALIDATION_PROMPTS, **sampling, generator=gens, output_type="latent").images
+        vae = pipe.vae  # decoded outside autocast, in the VAE's own dtype (float32 where fp16 overflows)
+        images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+        images = pipe.image_processor.postprocess(images, output_type="np")  # (N, H, W, 3) in [0, 1]
+        grid = (np.concatenate(list(images), axis=1) * 255).round().astype(np.uint8)  # a row of images
         path = self.out / "samples" / f"step-{self.step_count:07d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_save(path, lambda f: Image.fromarray(grid).save(f, format="PNG"))
@@ -916,8 +976,8 @@ def train(args) -> nn.Module | None:
             return None
         trainer.fit()
         if rank == 0:
-            export(trainer.student.unet, trainer.ema, args, trainer.out)
-            print0(f"saved the student pipeline to {trainer.out} (StableDiffusionPipeline.from_pretrained)")
+            export(trainer.pipe, trainer.student.unet, trainer.ema, args, trainer.out)
+            print0(f"saved the student pipeline to {trainer.out} (DiffusionPipeline.from_pretrained)")
         return trainer.student
     finally:
         if ddp:

@@ -4,11 +4,13 @@ against one torch.load per sample (the published code's data path).
 
     python bench/train_step.py                        # tiny SD-shaped model, CPU or GPU
     python bench/train_step.py --full-size --json     # SD v1.4 shapes, random weights (GPU)
+    python bench/train_step.py --sdxl                 # tiny SDXL-shaped model, KOALA-700M student
     python bench/train_step.py --teacher CompVis/stable-diffusion-v1-4 --batch-size 64 --mixed-precision bf16
 
 "Ours" is train.py itself, run in this process on a synthetic cache (its log's step_time per interval
-of --warmup steps, the first dropped, the fastest kept): data loading, random conditioning, tokenisation, frozen text encoder, teacher,
-student with feature hooks and projections, every loss term, clipping, AdamW, EMA, logging.
+of --warmup steps, the first dropped, the fastest kept): data loading, random conditioning, tokenisation,
+frozen text encoder(s), teacher, student with feature hooks and projections, every loss term, clipping,
+AdamW, EMA, logging.
 "Bare" is the least any distillation step does: teacher forward, student forward/backward on the
 output loss, AdamW, with the batch and the text embedding already on the device, no hooks, no
 conditioning, no logging, timed over the same intervals. Same models, precision and batch.
@@ -44,7 +46,7 @@ def captions(n: int, rng: np.random.Generator) -> list[str]:
     return [" ".join(rng.choice(WORDS, size=rng.integers(3, 9))) for _ in range(n)]
 
 
-def write_cache(data: Path, n: int, latent_shape, shard_size: int, rng: np.random.Generator) -> list[str]:
+def write_cache(data: Path, n: int, latent_shape, shard_size: int, rng: np.random.Generator, family="sd") -> list[str]:
     """A cache in train.py's format (latents-XXXXX.npy, captions-XXXXX.json, captions.txt, meta.json)."""
     data.mkdir(parents=True)
     caps = captions(n, rng)
@@ -60,6 +62,7 @@ def write_cache(data: Path, n: int, latent_shape, shard_size: int, rng: np.rando
         "latent_shape": list(latent_shape),
         "source": "synthetic",
         "teacher": "",
+        "family": family,
         "resolution": latent_shape[-1] * 8,
     }
     (data / "meta.json").write_text(json.dumps(meta))
@@ -121,7 +124,7 @@ def time_bare(args, teacher_path: Path, device: torch.device, latent_shape) -> f
     autocast = torch.autocast("cuda", dtype=dtype) if dtype else contextlib.nullcontext()
     torch.manual_seed(0)
     pipe, student, _ = train.load_models(str(teacher_path), args.student, None, dtype or torch.float32, device)
-    teacher, text_encoder, tokenizer = pipe.unet, pipe.text_encoder, pipe.tokenizer
+    teacher = pipe.unet
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     if args.gradient_checkpointing:
         student.enable_gradient_checkpointing()
@@ -131,15 +134,8 @@ def time_bare(args, teacher_path: Path, device: torch.device, latent_shape) -> f
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
     B = args.batch_size
     latents = torch.randn(B, *latent_shape, device=device)
-    ids = tokenizer(
-        captions(B, np.random.default_rng(0)),
-        padding="max_length",
-        max_length=tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids.to(device)
-    with torch.no_grad(), autocast:
-        encoder_hidden_states = text_encoder(ids)[0]
+    with torch.no_grad(), autocast:  # encoder_hidden_states (+ SDXL's pooled text and time ids), once
+        cond = train.encode_text(pipe, captions(B, np.random.default_rng(0)), args.resolution)
     T = noise_scheduler.config.num_train_timesteps
 
     def step():
@@ -147,9 +143,9 @@ def time_bare(args, teacher_path: Path, device: torch.device, latent_shape) -> f
         timesteps = torch.randint(0, T, (B,), device=device)
         noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
         with torch.no_grad(), autocast:
-            teacher_pred = teacher(noisy_latents, timesteps, encoder_hidden_states).sample
+            teacher_pred = teacher(noisy_latents, timesteps, **cond).sample
         with autocast:
-            model_pred = student(noisy_latents, timesteps, encoder_hidden_states).sample
+            model_pred = student(noisy_latents, timesteps, **cond).sample
         loss = F.mse_loss(model_pred.float(), teacher_pred.float())
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -220,7 +216,8 @@ def main() -> None:
         "--teacher", default=None, help="a diffusers SD pipeline; default: built here (tiny, or --full-size)"
     )
     p.add_argument("--full-size", action="store_true", help="build SD v1.4's shapes with random weights (use a GPU)")
-    p.add_argument("--student", default="bk_base")
+    p.add_argument("--sdxl", action="store_true", help="a tiny SDXL-shaped teacher (with --teacher: it is SDXL)")
+    p.add_argument("--student", default=None, help="default: bk_base, or koala_700m with --sdxl")
     p.add_argument("--batch-size", type=int, default=None, help="default: 8 tiny, 64 full size")
     p.add_argument("--resolution", type=int, default=None, help="default: 64 tiny, 512 full size")
     p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="bf16")
@@ -236,6 +233,7 @@ def main() -> None:
     p.add_argument("--json", action="store_true", help="also print the figures as JSON on the last line")
     args = p.parse_args()
     big = args.full_size or args.teacher is not None
+    args.student = args.student or ("koala_700m" if args.sdxl else "bk_base")
     args.batch_size = args.batch_size or (64 if big else 8)
     args.resolution = args.resolution or (512 if big else 64)
     if args.steps % args.warmup:
@@ -248,14 +246,18 @@ def main() -> None:
         tmp = Path(tmp)
         if args.teacher:
             teacher = Path(args.teacher)
+        elif args.sdxl:
+            from tiny_sdxl import make_tiny_sdxl
+
+            teacher = make_tiny_sdxl(tmp / "teacher")
         else:
             from tiny_sd import make_tiny_sd
 
             teacher = make_tiny_sd(tmp / "teacher", full_size=args.full_size)
         latent_shape = (4, args.resolution // 8, args.resolution // 8)
-        write_cache(
-            tmp / "data", args.batch_size * (args.warmup + args.steps + 1), latent_shape, 4096, np.random.default_rng(0)
-        )
+        n = args.batch_size * (args.warmup + args.steps + 1)
+        family = "sdxl" if args.sdxl else "sd"
+        write_cache(tmp / "data", n, latent_shape, 4096, np.random.default_rng(0), family)
         # the same loop with the bare step's losses only: what the machinery around the step costs
         # (data, conditioning, tokens, text encoder, clipping, logging) without the method's extra work
         only_out = ("--lambda-feat", "0", "--no-ema")
@@ -269,7 +271,7 @@ def main() -> None:
             bare = min(bare, time_bare(args, teacher, device, latent_shape))
         ours_rate, file_rate = time_loaders(args, tmp)
 
-    name = "SD v1.4 shapes" if args.full_size else (args.teacher or "tiny SD")
+    name = "SD v1.4 shapes" if args.full_size else (args.teacher or ("tiny SDXL" if args.sdxl else "tiny SD"))
     figures = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "model": name,

@@ -1,4 +1,4 @@
-"""Shared test setup: offline hub, the repository root on sys.path, a tiny Stable Diffusion folder."""
+"""Shared test setup: offline hub, the repository root on sys.path, tiny SD and SDXL pipeline folders."""
 
 import os
 import sys
@@ -23,3 +23,11 @@ def tiny_sd(tmp_path_factory) -> Path:
     from tiny_sd import make_tiny_sd
 
     return make_tiny_sd(tmp_path_factory.mktemp("tiny_sd"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory) -> Path:
+    """A tiny SDXL-shaped pipeline folder (SDXL base 1.0's topology, two text encoders), built once."""
+    from tiny_sdxl import make_tiny_sdxl
+
+    return make_tiny_sdxl(tmp_path_factory.mktemp("tiny_sdxl"))
