@@ -71,8 +71,6 @@ def replace_prob(timesteps: Tensor, num_train_timesteps: int = 1000, schedule: s
 
 # -----------------------------------------------------------------------------
 # The selector: which condition each sample is trained with
-
-
 def _draw(fn, *args, generator: torch.Generator | None) -> Tensor:
     # Draws happen on the generator's device (CPU by default) so a seed gives the same batch on any
     # accelerator; the tensors are tiny (one number per sample) and moved to the CPU afterwards.
@@ -150,8 +148,6 @@ class RandomConditioner:
 
 # -----------------------------------------------------------------------------
 # Distillation losses
-
-
 def output_kd_loss(student_pred: Tensor, teacher_pred: Tensor) -> Tensor:
     """L_out = mean((student_pred - teacher_pred)^2), computed in float32; any matching shapes."""
     return F.mse_loss(student_pred.float(), teacher_pred.detach().float())
@@ -200,8 +196,6 @@ def _rdd_loss(s: Tensor, t: Tensor, tau: float, max_tokens: int) -> Tensor:
 
 # -----------------------------------------------------------------------------
 # FeatureDistiller: feature distillation through forward hooks
-
-
 def _unwrap(model: nn.Module) -> nn.Module:
     # DistributedDataParallel keeps the model in .module, torch.compile in ._orig_mod.
     while isinstance(model, nn.parallel.DistributedDataParallel) or hasattr(model, "_orig_mod"):
@@ -308,8 +302,6 @@ class FeatureDistiller(nn.Module):
 
 # -----------------------------------------------------------------------------
 # TextPool: tens of millions of prompts, read by seeking into memory-mapped files
-
-
 class TextPool:
     """A pool of prompts, from UTF-8 text files (one prompt a line, blank lines skipped) or a list of str.
 
