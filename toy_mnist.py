@@ -304,8 +304,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--retrain", action="store_true", help="retrain teacher and judge even if saved in --out")
     p.add_argument("--seed", type=int, default=0, help="seeds data order, noise and initial weights")
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto", help="auto: cuda, mps or cpu")
-    threads = "0: torch's default (all cores), fastest if idle; 1 when other jobs share the CPU (many times faster)"
-    p.add_argument("--threads", type=int, default=0, help=threads)
+    p.add_argument("--threads", type=int, default=0, help="0: all cores, best if idle; 1 when other jobs share the CPU")
     # sampling: DDIM with classifier-free guidance; the judge scores samples-per-digit samples of every digit
     p.add_argument("--sample-steps", type=int, default=25, help="DDIM steps")
     p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
@@ -315,7 +314,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--student-steps", type=int, default=2400, help="training steps of each student")
     p.add_argument("--batch-size", type=int, default=128, help="teacher and students")
     p.add_argument("--rc-schedule", choices=randcond.SCHEDULES, default="exp", help="p(t) of the RC student")
-    p.add_argument("--rc-lambda", type=float, help="lambda of exp, two_sided (default 2; published 5); p of constant")
+    lam = "lambda of p(t) for exp and two_sided (default 2; published 5), the probability for constant"
+    p.add_argument("--rc-lambda", type=float, default=argparse.SUPPRESS, help=lam)  # absent from args unless given
     # fixed settings (the quick preset shrinks them): UNet widths per level, loss weights, ...
     p.set_defaults(teacher_widths=[24, 48, 48], student_widths=[12, 24, 24], judge_steps=600, classifier_steps=1500)
     p.set_defaults(lambda_out=1.0, lambda_feat=1.0, teacher_images=4096)
@@ -332,9 +332,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not all(0 <= u <= 9 for u in args.unseen) or len(set(args.unseen)) == 10:
         raise SystemExit("error: --unseen takes digits 0-9 and must leave at least one digit seen")
     ignores_lambda = torch.equal(*(randcond.replace_prob(torch.arange(T), T, args.rc_schedule, v) for v in (0, 1)))
-    if ignores_lambda and args.rc_lambda is not None:  # the same p(t) at any lambda: a value given is a mistake
+    if ignores_lambda and "rc_lambda" in args:  # the same p(t) at any lambda: a value given is a mistake
         raise SystemExit(f"error: --rc-schedule {args.rc_schedule} does not read --rc-lambda; leave it out")
-    args.rc_lambda = None if ignores_lambda else 2.0 if args.rc_lambda is None else args.rc_lambda
+    args.rc_lambda = None if ignores_lambda else getattr(args, "rc_lambda", 2.0)
     try:
         randcond.replace_prob(torch.zeros(1, dtype=torch.long), T, args.rc_schedule, args.rc_lambda)
     except ValueError as e:
