@@ -1,13 +1,13 @@
 r"""
-Generate images with a (compressed) Stable Diffusion model and score them: FID, Inception Score, CLIP score.
+Generate images with a (compressed) Stable Diffusion or SDXL model and score them: FID, Inception Score, CLIP score.
 
-MS-COCO 30K as BK-SDM and the Random Conditioning paper score it: 30K val2014 captions, 512 px, 25 steps,
-guidance 7.5, the pipeline's PNDM scheduler. Each image is saved as a JPEG (PIL's default quality, 75), that
-JPEG is resized to 256x256 (PIL's default filter, bicubic) and saved as a JPEG again; FID, IS and CLIP score
-read the 256 px JPEGs. FID compares them with the 40,504 val2014 images put through the same resize and JPEG.
-Once, the reference statistics:
+MS-COCO 30K as BK-SDM and the Random Conditioning paper score it: 30K val2014 captions, 25 steps, guidance 7.5,
+the pipeline's own scheduler (PNDM for SD v1) and size (512 px for SD v1, 1024 for SDXL). Each image is saved as
+a JPEG (PIL's default quality, 75), that JPEG is resized to 256x256 (PIL's default filter, bicubic) and saved as
+a JPEG again; FID, IS and CLIP score read the 256 px JPEGs. FID compares them with the 40,504 val2014 images put
+through the same resize and JPEG. Once, the reference statistics:
     python evaluate.py --ref val2014/ --save-ref-stats coco_val2014_256.npz
-Then each model (a pipeline folder, e.g. train.py's output), on one GPU or on 8 (the same images either way):
+Then each model (an SD or SDXL pipeline folder, e.g. train.py's output), on one GPU or on 8 (the same images):
     python evaluate.py --model runs/bk_base --prompts mscoco_val2014_30k/metadata.csv \
         --ref coco_val2014_256.npz --out-dir runs/eval/bk_base
     torchrun --standalone --nproc_per_node=8 evaluate.py --model runs/bk_base ...same arguments...
@@ -21,6 +21,7 @@ are made again. Every process generates its share; then process 0 scores the fil
 import argparse
 import csv
 import datetime
+import inspect
 import io
 import json
 import os
@@ -40,6 +41,8 @@ DEFAULT_CLIP = "laion/CLIP-ViT-g-14-laion2B-s34B-b88K"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 IS_SHUFFLE_SEED = 2020  # torch-fidelity's default rng_seed
 PIXEL_SETTINGS = ("model", "resolution", "steps", "guidance", "seed", "resize", "image_format")  # + scheduler, dtype
+# NSFW filter off as in the paper (its black images would count in FID); watermark off (same pixels, installed or not)
+FILTERS_OFF = dict(safety_checker=None, requires_safety_checker=False, add_watermarker=False)
 
 # -----------------------------------------------------------------------------
 # config and distributed setup
@@ -51,13 +54,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=Formatter)
     # what to generate
-    p.add_argument("--model", help="diffusers pipeline folder or hub id; omit to score the images in --out-dir")
+    p.add_argument("--model", help="SD or SDXL pipeline folder or hub id; omit to score the images in --out-dir")
     p.add_argument("--prompts", help="csv with a text, caption or prompt column, or txt with one prompt per line")
     p.add_argument("--num-prompts", type=int, help="use only the first N prompts (quick checks)")
     p.add_argument("--out-dir", help="images go to OUT/images, scores to OUT/metrics.json")
     p.add_argument("--name", help="label in tables (default: the --model name)")
     # how to generate and store the images (paper defaults)
-    p.add_argument("--resolution", type=int, default=512)
+    p.add_argument("--resolution", type=int, help="image side (default: the pipeline's own: 512 SD v1, 1024 SDXL)")
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--seed", type=int, default=1234, help="prompt i uses seed + i")
@@ -210,20 +213,21 @@ def check_record(out_dir: Path, prompts: list[str], settings: dict | None = None
 
 @torch.no_grad()
 def generate(args, prompts: list[str], image_dir: Path, device: torch.device):
-    from diffusers import StableDiffusionPipeline
+    import diffusers
 
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
-    try:
-        # the paper's evaluation turns the NSFW filter off: its black images would count in FID
-        pipe = StableDiffusionPipeline.from_pretrained(
-            args.model, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False
-        ).to(device)
-    except Exception as e:  # a missing or broken folder, an unknown hub id
+    try:  # the pipeline class model_index.json names (SD, SDXL), with its own scheduler
+        cls = getattr(diffusers, diffusers.DiffusionPipeline.load_config(args.model)["_class_name"])
+        off = {k: v for k, v in FILTERS_OFF.items() if k in inspect.signature(cls.__init__).parameters}
+        pipe = cls.from_pretrained(args.model, torch_dtype=dtype, **off).to(device)
+    except Exception as e:  # a missing or broken folder, an unknown hub id, a class this diffusers lacks
         fail(f"cannot load pipeline {args.model} ({type(e).__name__}: {' '.join(str(e).split())[:200]})")
     pipe.set_progress_bar_config(disable=True)
     image_dir.mkdir(parents=True, exist_ok=True)
-    settings = {k: getattr(args, k) for k in PIXEL_SETTINGS}
+    # no autocast anywhere: SDXL's pipeline decodes in float32 itself when its VAE's config says force_upcast
+    resolution = args.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor  # SD v1 512, SDXL 1024
+    settings = {k: getattr(args, k) for k in PIXEL_SETTINGS} | {"resolution": resolution}
     settings |= {"scheduler": type(pipe.scheduler).__name__, "dtype": str(pipe.unet.dtype).removeprefix("torch.")}
     record = check_record(image_dir.parent, prompts, settings)
     # every rank lists the missing images before anyone writes, so all ranks split the same list
@@ -236,7 +240,7 @@ def generate(args, prompts: list[str], image_dir: Path, device: torch.device):
         unreadable = sum(paths[i].exists() for i in todo)
         print(f"generating {len(todo)} of {len(prompts)} images ({unreadable} unreadable) on {world_size} process(es)")
     mine = todo[rank::world_size]
-    sampling = dict(height=args.resolution, width=args.resolution, num_inference_steps=args.steps)
+    sampling = dict(height=resolution, width=resolution, num_inference_steps=args.steps)
     for start in tqdm(range(0, len(mine), args.batch_size), desc="generate", disable=rank != 0):
         ids = mine[start : start + args.batch_size]
         # CPU generators: the same initial latents on any device, and one per prompt so batching does not matter

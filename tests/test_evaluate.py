@@ -1,4 +1,4 @@
-"""evaluate.py on CPU: tiny SD pipeline, small injected Inception / CLIP stand-ins, metrics checked against
+"""evaluate.py on CPU: tiny SD and SDXL pipelines, small injected Inception / CLIP stand-ins, metrics checked against
 independent float64 computations, the published JPEG pipeline, resumability, subsets with their own references,
 bad inputs, 1 vs 2 processes (slow). The real torch-fidelity Inception runs in test_evaluate_fidelity.py."""
 
@@ -294,6 +294,7 @@ def test_generate_resume_score_subsets(tiny_sd, tmp_path, prompt_file, capsys):
     m = report["metrics"]
     assert {k: v["n"] for k, v in m.items()} == {"all": 6, "cats": 2, "ids": 2}
     assert report["protocol"]["generation"]["steps"] == 2 and report["protocol"]["image_format"] == "jpg"
+    assert report["protocol"]["generation"]["scheduler"] == "PNDMScheduler"  # SD v1's own, as in the paper
     assert report["protocol"]["is"] == {"splits": 2, "shuffle_seed": 2020, "std": "population (ddof 0)"}
     assert (m["all"]["fid_reference"], m["cats"]["fid_reference"], m["ids"]["fid_reference"]) == (
         str(ref),
@@ -347,6 +348,44 @@ def test_generate_resume_score_subsets(tiny_sd, tmp_path, prompt_file, capsys):
     png = pixels(tmp_path / "png" / "images", "png")
     assert list(png) == ["000000.png", "000001.png"]
     assert 0 < np.abs(png["000000.png"] - images["000000.jpg"]).mean() < 40  # noise-like images: big JPEG losses
+
+
+def test_sdxl_pipeline_is_sampled_at_its_own_size_and_scored(tiny_sdxl, tmp_path, prompt_file):
+    from diffusers import StableDiffusionXLPipeline
+
+    ref = random_images(tmp_path / "real", 24)
+    out = tmp_path / "eval"
+    inception, clip = TinyInception(), tiny_clip()
+    gen = ["--steps", "2", "--resize", "32", "--batch-size", "3"]  # no --resolution: the pipeline's own size
+    run(
+        ["--model", tiny_sdxl, "--prompts", prompt_file, "--out-dir", out, "--ref", ref, *gen, "--is-splits", "2"],
+        inception=inception,
+        clip=clip,
+    )
+    settings = json.loads((out / "generation.json").read_text())["settings"]
+    # UNet sample_size 8 x VAE factor 8 (SDXL base: 128 x 8 = 1024), with the folder's own Euler scheduler
+    assert (settings["resolution"], settings["scheduler"]) == (64, "EulerDiscreteScheduler")
+    # the same images from the stock SDXL pipeline at its defaults, through the published JPEG steps by hand
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl, add_watermarker=False)
+    pipe.set_progress_bar_config(disable=True)
+    images = pixels(out / "images")
+    assert list(images) == [f"{i:06d}.jpg" for i in range(6)]
+    for ids in ([0, 1, 2], [3, 4, 5]):
+        generators = [torch.Generator().manual_seed(1234 + i) for i in ids]
+        made = pipe([PROMPTS[i] for i in ids], num_inference_steps=2, guidance_scale=7.5, generator=generators).images
+        for i, image in zip(ids, made):
+            assert image.size == (64, 64)
+            assert np.abs(images[f"{i:06d}.jpg"] - published_jpeg(image, 32, tmp_path)).max() <= 2
+    assert (images["000000.jpg"] != images["000005.jpg"]).any()  # same prompt, different seed
+    # every metric equals its recomputation from the image files
+    m = json.loads((out / "metrics.json").read_text())["metrics"]["all"]
+    with torch.no_grad():
+        x = torch.from_numpy(np.stack([a.astype(np.uint8) for a in images.values()])).permute(0, 3, 1, 2)
+        pool, logits = (t.double().numpy() for t in inception(x))
+    cosines = clip([Image.open(p) for p in sorted((out / "images").iterdir())], PROMPTS).numpy()
+    assert m["fid"] == pytest.approx(sample_space_fid(real_features(ref, inception), pool), rel=1e-6)
+    assert (m["is_mean"], m["is_std"]) == pytest.approx(torch_fidelity_is(logits, 2), rel=1e-9)
+    assert m["clip_score"] == pytest.approx(cosines.mean(), abs=1e-6)
 
 
 def test_reference_stats_file_and_compare(tmp_path, capsys):
