@@ -631,6 +631,15 @@ def test_help_gives_every_flag_a_text_and_each_default_once(capsys):
     assert helps["--steps"].endswith("(default: 25)") and "1024 SDXL" in helps["--resolution"]
 
 
+def test_tiny_clip_cli_takes_its_folder_as_a_required_argument(tmp_path):
+    script = str(ROOT / "tests" / "tiny_clip.py")
+    help_ = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, cwd=tmp_path)
+    assert help_.returncode == 0 and "folder" in help_.stdout
+    bare = subprocess.run([sys.executable, script], capture_output=True, text=True, cwd=tmp_path)
+    assert bare.returncode == 2 and "required: folder" in bare.stderr
+    assert list(tmp_path.iterdir()) == []  # no model was built, in a folder named --help or elsewhere
+
+
 # -----------------------------------------------------------------------------
 # 1 vs 2 processes: same images, same scores (gloo on CPU)
 
