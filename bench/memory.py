@@ -152,8 +152,8 @@ def main() -> None:
     line("gradient checkpointing", ["yes" if r["checkpointing"] else "no" for r in runs])
     for item in [*runs[0]["bytes"], "total"]:
         line(item, [f"{r['bytes'].get(item, r['total']) / 2**30:.2f}" for r in runs])
-    print("On top: allocator fragmentation, cuDNN / cuBLAS workspaces, the CUDA context (~0.5-1 GB); with DDP its")
-    print("gradient buckets (4 B per student parameter). Parameters:")
+    print("On top: allocator fragmentation, cuDNN / cuBLAS workspaces, the CUDA context (~0.5-1 GB). DDP's gradient")
+    print("buckets hold the gradients themselves (train.py sets gradient_as_bucket_view). Parameters:")
     for r in runs[::2]:
         print(f"  {r['student']}: " + ", ".join(f"{k} {v:,}" for k, v in r["params"].items()))
     if args.json:
