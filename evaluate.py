@@ -1,13 +1,13 @@
 r"""
-Generate images with a (compressed) Stable Diffusion model and score them: FID, Inception Score, CLIP score.
+Generate images with a (compressed) Stable Diffusion or SDXL model and score them: FID, Inception Score, CLIP score.
 
-MS-COCO 30K as BK-SDM and the Random Conditioning paper score it: 30K val2014 captions, 512 px, 25 steps,
-guidance 7.5, the pipeline's PNDM scheduler. Each image is saved as a JPEG (PIL's default quality, 75), that
-JPEG is resized to 256x256 (PIL's default filter, bicubic) and saved as a JPEG again; FID, IS and CLIP score
-read the 256 px JPEGs. FID compares them with the 40,504 val2014 images put through the same resize and JPEG.
-Once, the reference statistics:
+MS-COCO 30K as BK-SDM and the Random Conditioning paper score it: 30K val2014 captions, 25 steps, guidance 7.5,
+the pipeline's own scheduler (PNDM for SD v1) and size (512 px for SD v1, 1024 for SDXL). Each image is saved as
+a JPEG (PIL's default quality, 75), that JPEG is resized to 256x256 (PIL's default filter, bicubic) and saved as
+a JPEG again; FID, IS and CLIP score read the 256 px JPEGs. FID compares them with the 40,504 val2014 images put
+through the same resize and JPEG. Once, the reference statistics:
     python evaluate.py --ref val2014/ --save-ref-stats coco_val2014_256.npz
-Then each model (a pipeline folder, e.g. train.py's output), on one GPU or on 8 (the same images either way):
+Then each model (an SD or SDXL pipeline folder, e.g. train.py's output), on one GPU or on 8 (the same images):
     python evaluate.py --model runs/bk_base --prompts mscoco_val2014_30k/metadata.csv \
         --ref coco_val2014_256.npz --out-dir runs/eval/bk_base
     torchrun --standalone --nproc_per_node=8 evaluate.py --model runs/bk_base ...same arguments...
@@ -21,9 +21,12 @@ are made again. Every process generates its share; then process 0 scores the fil
 import argparse
 import csv
 import datetime
+import functools
+import inspect
 import io
 import json
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -40,6 +43,8 @@ DEFAULT_CLIP = "laion/CLIP-ViT-g-14-laion2B-s34B-b88K"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 IS_SHUFFLE_SEED = 2020  # torch-fidelity's default rng_seed
 PIXEL_SETTINGS = ("model", "resolution", "steps", "guidance", "seed", "resize", "image_format")  # + scheduler, dtype
+# NSFW filter off as in the paper (its black images would count in FID); watermark off (same pixels, installed or not)
+FILTERS_OFF = dict(safety_checker=None, requires_safety_checker=False, add_watermarker=False)
 
 # -----------------------------------------------------------------------------
 # config and distributed setup
@@ -47,19 +52,21 @@ PIXEL_SETTINGS = ("model", "resolution", "steps", "guidance", "seed", "resize", 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-        pass
+        def _get_help_string(self, a):  # each default once: none for None, none where the help names one
+            return a.help if a.default is None or "default" in a.help else super()._get_help_string(a)
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=Formatter)
     # what to generate
-    p.add_argument("--model", help="diffusers pipeline folder or hub id; omit to score the images in --out-dir")
-    p.add_argument("--prompts", help="csv with a text, caption or prompt column, or txt with one prompt per line")
+    p.add_argument("--model", help="SD or SDXL pipeline folder or hub id; omit to score the images in --out-dir")
+    prompts = "csv with a text, caption or prompt column (prompt i: row i) or txt (prompt i: line i + 1); blank prompts"
+    p.add_argument("--prompts", help=prompts + " are refused, not skipped (that would renumber the later ones)")
     p.add_argument("--num-prompts", type=int, help="use only the first N prompts (quick checks)")
     p.add_argument("--out-dir", help="images go to OUT/images, scores to OUT/metrics.json")
     p.add_argument("--name", help="label in tables (default: the --model name)")
     # how to generate and store the images (paper defaults)
-    p.add_argument("--resolution", type=int, default=512)
-    p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--resolution", type=int, help="image side (default: the pipeline's own: 512 SD v1, 1024 SDXL)")
+    p.add_argument("--steps", type=int, default=25, help="denoising steps of the pipeline's own scheduler")
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
     p.add_argument("--seed", type=int, default=1234, help="prompt i uses seed + i")
     p.add_argument("--batch-size", type=int, default=8, help="per process, generation and feature extraction")
     p.add_argument("--resize", type=int, default=256, help="size of scored and --ref images (0: as they are)")
@@ -70,64 +77,81 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--save-ref-stats", help="save the statistics of the --ref folder to this .npz (reuse it as --ref)")
     p.add_argument("--inception-weights", help="local torch-fidelity Inception file (default: download by name)")
     p.add_argument("--clip-model", default=DEFAULT_CLIP, help="transformers CLIP hub id or local folder")
-    p.add_argument("--is-splits", type=int, default=10)
+    p.add_argument("--is-splits", type=int, default=10, help="Inception Score: mean and std over this many parts")
     # repeatable; IDS: a file of prompt ids or exact prompt texts, one per line; REF: .npz or folder (default --ref)
     p.add_argument("--subset", action="append", metavar="NAME=IDS[:REF]", help="prompts in file IDS too; FID vs REF")
     p.add_argument("--compare", nargs="+", metavar="METRICS_JSON", help="print metrics.json files side by side, exit")
+    p.add_argument("--threads", type=int, default=0, help="torch's CPU threads; 0: torch's choice, 1 on a shared CPU")
     return p.parse_args(argv)
 
 
-def fail(msg: str):
-    raise SystemExit(f"error: {msg}")
+def fail(msg: str, e: Exception | None = None):
+    """One line, exit 1; with e, its first line uncut (a URL stays whole), less advice about absent flags or traces."""
+    why = [s for s in (str(e).strip().splitlines() or [""])[0].split(". ") if not re.search("files_only|stack", s)]
+    raise SystemExit(f"error: {msg}" + (f" ({type(e).__name__}: {'. '.join(why)})" if e else ""))
 
 
-# distributed setup: without torchrun the same code runs as one process
+def find_model(name: str, flag: str, file: str):
+    """Before slow work, refuse what is neither a folder with `file` nor a hub id with `file` cached or on the hub."""
+    from huggingface_hub import constants, file_exists, try_to_load_from_cache
+    from huggingface_hub.utils import HFValidationError
+
+    if Path(name).is_dir() and not (Path(name) / file).is_file():
+        fail(f"{flag} {name}: the folder has no {file}")
+    where = f"{flag} {name}: no such folder here, and as a hub id it is not in the local cache"
+    try:  # a name that cannot be a hub id raises HFValidationError
+        if Path(name).is_dir() or isinstance(try_to_load_from_cache(name, file), str):
+            return
+        if constants.HF_HUB_OFFLINE:
+            fail(f"{where} while the hub is offline (HF_HUB_OFFLINE=1)")
+        if not file_exists(name, file):
+            fail(f"{where} nor on the hub ({constants.ENDPOINT})")
+    except HFValidationError:
+        fail(f"{flag} {name}: folder not found")
+    except Exception as e:  # no connection, a proxy, a timeout, a gated model without a token
+        fail(f"{where}, and the hub ({constants.ENDPOINT}) is unreachable or refused it", e)
 
 
 def setup_ddp() -> tuple[bool, int, int, int, torch.device]:
-    ddp = int(os.environ.get("RANK", -1)) != -1
-    rank, local_rank, world_size = 0, 0, 1
-    if ddp:
-        rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
+    """Distributed setup: without torchrun the same code runs as one process."""
+    ddp = "RANK" in os.environ
+    rank, local_rank, world_size = (int(os.environ.get(k, 0)) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
         torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    if ddp:
-        # rank 0 may build reference statistics before it generates: generous timeout
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=datetime.timedelta(hours=3))
-    return ddp, rank, local_rank, world_size, device
+    if ddp:  # rank 0 may build reference statistics before it generates: generous timeout
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=3))
+    return ddp, rank, local_rank, world_size or 1, device
 
 
 # -----------------------------------------------------------------------------
 # prompts and subsets
 
 
-def read_lines(path: Path) -> list[str]:
-    # newlines only: U+2028 and friends occur inside web captions, and str.splitlines() would split there
-    return [line.strip() for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
-
-
 def load_prompts(path: str) -> list[str]:
-    """Prompt i: the text, caption or prompt column of row i (csv), or non-empty line i (any other file)."""
+    """Prompt i: the text, caption or prompt column of row i (csv), or line i + 1 (any other file). A blank prompt is
+    refused with its line number: skipping it would renumber every later prompt and image."""
     file = Path(path)
     if not file.is_file():
         fail(f"prompt file {path} not found")
+    try:
+        text = (data := file.read_bytes()).decode("utf-8-sig")  # a byte-order mark is dropped
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        fail(f"{path} line {line} is not UTF-8 (byte {data[e.start]:#04x}); save the file as UTF-8")
     if file.suffix == ".csv":
-        with open(file, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
-        keys = list(rows[0]) if rows else []
-        col = next((k for k in ("text", "caption", "prompt") if k in keys), None)
-        if rows and col is None:
-            fail(f"{path} has no column text, caption or prompt (it has {', '.join(keys)})")
-        prompts = [r[col] for r in rows]
-    else:
-        prompts = read_lines(file)
-    if not prompts:
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        col = next((k for k in ("text", "caption", "prompt") if k in (reader.fieldnames or [])), None)
+        if reader.fieldnames and col is None:
+            fail(f"{path} has no column text, caption or prompt (it has {', '.join(reader.fieldnames)})")
+        lines = [(reader.line_num, r[col] or "") for r in reader]  # (the record's last line, its prompt)
+    else:  # newlines only: U+2028 and friends occur inside web captions, and str.splitlines() would split there
+        lines = [(n, line.strip()) for n, line in enumerate(text.rstrip().split("\n"), 1) if text.strip()]
+    if not lines:
         fail(f"no prompts in {path}")
-    return prompts
+    if blank := next((n for n, prompt in lines if not prompt.strip()), None):
+        fail(f"{path} line {blank}: blank prompt (refused, not skipped: skipping would renumber every later prompt)")
+    return [prompt for _, prompt in lines]
 
 
 def load_subset(spec: str, prompts: list[str]) -> tuple[str, list[int], str | None]:
@@ -136,18 +160,16 @@ def load_subset(spec: str, prompts: list[str]) -> tuple[str, list[int], str | No
     path, _, ref = rest.partition(":")
     if not name or not Path(path).is_file():
         fail(f"--subset {spec}: expected NAME=IDS[:REF] with an existing file IDS")
-    lines = read_lines(Path(path))
+    lines = [line.strip() for line in Path(path).read_text(encoding="utf-8").split("\n") if line.strip()]
     if all(line.isdigit() for line in lines):
         ids = sorted({int(line) for line in lines})
         if bad := [i for i in ids if i >= len(prompts)]:
             fail(f"subset {name}: prompt id {bad[0]} out of range (there are {len(prompts)} prompts)")
     else:
-        where: dict[str, list[int]] = {}
-        for i, text in enumerate(prompts):
-            where.setdefault(text, []).append(i)
-        if missing := [line for line in lines if line not in where]:
+        wanted = set(lines)
+        if missing := sorted(wanted - set(prompts)):
             fail(f"subset {name}: {len(missing)} texts are not among the prompts, e.g. {missing[0]!r}")
-        ids = sorted({i for line in lines for i in where[line]})
+        ids = [i for i, text in enumerate(prompts) if text in wanted]
     if not ids:
         fail(f"subset {name}: {path} is empty")
     return name, ids, ref or None
@@ -186,8 +208,7 @@ def save_generated(image: Image.Image, path: Path, size: int, fmt: str):
 def prepare_real(path: Path, size: int, fmt: str) -> Image.Image:
     """A reference image as BK-SDM prepares val2014: resized to size x size (no crop), saved as JPEG, read back."""
     im = read_image(path, "remove it from the reference folder")
-    if size:
-        im = im.resize((size, size))
+    im = im.resize((size, size)) if size else im
     return (jpeg(im) if fmt == "jpg" else im).convert("RGB")
 
 
@@ -210,20 +231,21 @@ def check_record(out_dir: Path, prompts: list[str], settings: dict | None = None
 
 @torch.no_grad()
 def generate(args, prompts: list[str], image_dir: Path, device: torch.device):
-    from diffusers import StableDiffusionPipeline
+    import diffusers
 
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
-    try:
-        # the paper's evaluation turns the NSFW filter off: its black images would count in FID
-        pipe = StableDiffusionPipeline.from_pretrained(
-            args.model, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False
-        ).to(device)
-    except Exception as e:  # a missing or broken folder, an unknown hub id
-        fail(f"cannot load pipeline {args.model} ({type(e).__name__}: {' '.join(str(e).split())[:200]})")
+    try:  # the pipeline class model_index.json names (SD, SDXL), with its own scheduler
+        cls = getattr(diffusers, diffusers.DiffusionPipeline.load_config(args.model)["_class_name"])
+        off = {k: v for k, v in FILTERS_OFF.items() if k in inspect.signature(cls.__init__).parameters}
+        pipe = cls.from_pretrained(args.model, torch_dtype=dtype, **off).to(device)
+    except Exception as e:  # a broken folder, a class this diffusers lacks
+        fail(f"cannot load pipeline {args.model}", e)
     pipe.set_progress_bar_config(disable=True)
     image_dir.mkdir(parents=True, exist_ok=True)
-    settings = {k: getattr(args, k) for k in PIXEL_SETTINGS}
+    # no autocast anywhere: SDXL's pipeline decodes in float32 itself when its VAE's config says force_upcast
+    resolution = args.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor  # SD v1 512, SDXL 1024
+    settings = {k: getattr(args, k) for k in PIXEL_SETTINGS} | {"resolution": resolution}
     settings |= {"scheduler": type(pipe.scheduler).__name__, "dtype": str(pipe.unet.dtype).removeprefix("torch.")}
     record = check_record(image_dir.parent, prompts, settings)
     # every rank lists the missing images before anyone writes, so all ranks split the same list
@@ -236,7 +258,7 @@ def generate(args, prompts: list[str], image_dir: Path, device: torch.device):
         unreadable = sum(paths[i].exists() for i in todo)
         print(f"generating {len(todo)} of {len(prompts)} images ({unreadable} unreadable) on {world_size} process(es)")
     mine = todo[rank::world_size]
-    sampling = dict(height=args.resolution, width=args.resolution, num_inference_steps=args.steps)
+    sampling = dict(height=resolution, width=resolution, num_inference_steps=args.steps)
     for start in tqdm(range(0, len(mine), args.batch_size), desc="generate", disable=rank != 0):
         ids = mine[start : start + args.batch_size]
         # CPU generators: the same initial latents on any device, and one per prompt so batching does not matter
@@ -258,10 +280,8 @@ def load_inception(weights: str | None) -> nn.Module:
     try:
         from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
     except Exception as e:  # not installed, or its torchvision import fails
-        fail(
-            f"FID/IS need torch-fidelity ({type(e).__name__}: {e}): `pip install --no-deps torch-fidelity` and a "
-            f"torchvision of the same build as your torch (same release, same CUDA or CPU), or pass --metrics clip"
-        )
+        how = "`pip install --no-deps torch-fidelity` and a torchvision of the same build as your torch (same release,"
+        fail(f"FID/IS need torch-fidelity: {how} same CUDA or CPU), or pass --metrics clip", e)
     try:
         if weights is None:  # the file torch-fidelity would download, into torch's hub cache
             torch.hub.load_state_dict_from_url(URL_INCEPTION_V3, weights_only=True)
@@ -270,8 +290,7 @@ def load_inception(weights: str | None) -> nn.Module:
         torch.load(weights, map_location="cpu", weights_only=True)
         return FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"], weights)
     except Exception as e:
-        why = " ".join(str(e).split())[:150]  # one line
-        fail(f"cannot load Inception weights {weights or URL_INCEPTION_V3} ({type(e).__name__}: {why})")
+        fail(f"cannot load Inception weights {weights or URL_INCEPTION_V3}", e)
 
 
 class ClipScorer:
@@ -292,7 +311,7 @@ class ClipScorer:
             tokenizer = AutoTokenizer.from_pretrained(name)
             proc = AutoImageProcessor.from_pretrained(name)
         except (OSError, ValueError) as e:
-            fail(f"cannot load CLIP model {name} ({' '.join(str(e).split())[:200]}); `hf download {name}` or a folder")
+            fail(f"cannot load CLIP model {name}", e)
         size = proc.size.get("shortest_edge") or proc.size.get("height")
         return cls(model, tokenizer, size, proc.crop_size.get("height"), proc.image_mean, proc.image_std)
 
@@ -388,10 +407,8 @@ def load_reference(ref: str, inception: nn.Module | None, args) -> dict[str, np.
         paths = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not paths:
             fail(f"no images in reference folder {ref}")
-        feats = extract(
-            paths, lambda p: prepare_real(p, args.resize, args.image_format), inception, batch=args.batch_size
-        )
-        stats = feature_stats(feats["pool"])
+        load = functools.partial(prepare_real, size=args.resize, fmt=args.image_format)
+        stats = feature_stats(extract(paths, load, inception, batch=args.batch_size)["pool"])
     else:
         fail(f"reference {ref} not found")
     if "n" in stats and int(stats["n"]) <= len(stats["mu"]):  # rank-deficient covariance
@@ -464,6 +481,14 @@ def check_args(args) -> tuple[list[str], list[str], dict[str, tuple[list[int], s
         fail("--prompts needs --out-dir")
     if args.num_prompts is not None and args.num_prompts < 1:
         fail(f"--num-prompts {args.num_prompts}: give at least 1 (or leave it out for all prompts)")
+    if args.threads < 0:
+        fail(f"--threads {args.threads}: give 0 (torch's choice) or more")
+    if args.prompts:  # an --out-dir that cannot be made or written is refused before any model loads (and not made)
+        near = next(p for p in [Path(args.out_dir), *Path(args.out_dir).parents] if p.exists())
+        if not near.is_dir() or not os.access(near, os.W_OK | os.X_OK):
+            fail(f"--out-dir {args.out_dir} cannot be written: {near} is {'read-only' if near.is_dir() else 'a file'}")
+    if args.model:
+        find_model(args.model, "--model", "model_index.json")
     prompts = load_prompts(args.prompts)[: args.num_prompts] if args.prompts else []
     sets = {"all": (list(range(len(prompts))), args.ref)}
     for spec in args.subset or []:
@@ -473,10 +498,9 @@ def check_args(args) -> tuple[list[str], list[str], dict[str, tuple[list[int], s
         sets[name] = (ids, ref or args.ref)
     if "fid" in metrics and prompts and not args.ref:
         fail("FID needs --ref (a folder of real images or a .npz from --save-ref-stats), or leave fid out of --metrics")
-    if "is" in metrics and prompts:
-        small = min(sets, key=lambda s: len(sets[s][0]))
-        if len(sets[small][0]) < args.is_splits:
-            fail(f"IS in {args.is_splits} splits needs as many images; set {small} has {len(sets[small][0])}")
+    small = min(sets, key=lambda s: len(sets[s][0]))
+    if "is" in metrics and prompts and len(sets[small][0]) < args.is_splits:
+        fail(f"IS in {args.is_splits} splits needs as many images; set {small} has {len(sets[small][0])}")
     return metrics, prompts, sets
 
 
@@ -492,18 +516,11 @@ def score_images(args, prompts, sets, metrics, refs, inception, clip, device):
     hint = "delete it and run again with --model to make it again"
     feats = extract(paths, lambda p: read_image(p, hint), inception, clip, prompts, args.batch_size)
     results = score(feats, sets, metrics, refs, args.is_splits)
-    report = {
-        "name": args.name or Path(args.model or args.out_dir).name,
-        "metrics": results,
-        "protocol": {
-            "generation": settings,
-            "prompts": args.prompts,
-            "image_format": args.image_format,
-            "fid": {"reference": args.ref, "features": f"pool {feats['pool'].shape[1]}" if "pool" in feats else None},
-            "is": {"splits": args.is_splits, "shuffle_seed": IS_SHUFFLE_SEED, "std": "population (ddof 0)"},
-            "clip": {"model": args.clip_model if "clip" in metrics else None, "scale": "raw cosine"},
-        },
-    }
+    fid = {"reference": args.ref, "features": f"pool {feats['pool'].shape[1]}" if "pool" in feats else None}
+    protocol = dict(generation=settings, prompts=args.prompts, image_format=args.image_format, fid=fid)
+    protocol["is"] = {"splits": args.is_splits, "shuffle_seed": IS_SHUFFLE_SEED, "std": "population (ddof 0)"}
+    protocol["clip"] = {"model": args.clip_model if "clip" in metrics else None, "scale": "raw cosine"}
+    report = {"name": args.name or Path(args.model or args.out_dir).name, "metrics": results, "protocol": protocol}
     write_json(Path(args.out_dir) / "metrics.json", report)
     print(table([(report["name"], name, m) for name, m in results.items()]))
     if shared := [name for name, (_, ref) in sets.items() if "fid" in metrics and name != "all" and ref == args.ref]:
@@ -516,6 +533,9 @@ def main(argv: list[str] | None = None, inception: nn.Module | None = None, clip
     if args.compare:
         return compare(args.compare)
     metrics, prompts, sets = check_args(args)
+    if prompts and "clip" in metrics and clip is None:  # before generating: a missing CLIP should not wait for images
+        find_model(args.clip_model, "--clip-model", "config.json")
+    torch.set_num_threads(args.threads or torch.get_num_threads())
     ddp, rank, _, _, device = setup_ddp()
     try:
         refs = {}

@@ -782,7 +782,8 @@ class Trainer:
         if resume:
             self.load(resume)
         if ddp:
-            self.model = DDP(self.student, device_ids=[device.index] if cuda else None)
+            # gradients as views into the reduction buckets: no second copy of them (4 bytes a parameter)
+            self.model = DDP(self.student, device_ids=[device.index] if cuda else None, gradient_as_bucket_view=True)
         if rank == 0:
             (self.out / "args.json").write_text(json.dumps(vars(args), indent=1))
         batch = f"{world_size} processes x batch {args.batch_size} x {self.grad_accum} accumulation"

@@ -1,4 +1,4 @@
-"""evaluate.py on CPU: tiny SD pipeline, small injected Inception / CLIP stand-ins, metrics checked against
+"""evaluate.py on CPU: tiny SD and SDXL pipelines, small injected Inception / CLIP stand-ins, metrics checked against
 independent float64 computations, the published JPEG pipeline, resumability, subsets with their own references,
 bad inputs, 1 vs 2 processes (slow). The real torch-fidelity Inception runs in test_evaluate_fidelity.py."""
 
@@ -6,6 +6,7 @@ import importlib.util
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -189,26 +190,23 @@ def test_clip_folder_preprocessing_is_honoured(tmp_path):
         torch.testing.assert_close(legacy(images, texts), expected)
 
 
-def test_missing_models_and_libraries_say_what_to_do(tmp_path):
-    from huggingface_hub import try_to_load_from_cache
-
-    if not isinstance(try_to_load_from_cache(evaluate.DEFAULT_CLIP, "config.json"), str):  # offline, not cached
-        with pytest.raises(SystemExit, match="^error: cannot load CLIP model laion/.*hf download"):
-            evaluate.ClipScorer.load(evaluate.DEFAULT_CLIP, torch.device("cpu"))
+def test_missing_libraries_and_broken_folders_say_what_to_do(tmp_path):
     with pytest.raises(SystemExit, match="^error: cannot load CLIP model /nowhere"):
         evaluate.ClipScorer.load("/nowhere", torch.device("cpu"))
     if importlib.util.find_spec("torchvision") is None:  # torch-fidelity fails at import (as here), or is missing
         with pytest.raises(
-            SystemExit, match="^error: FID/IS need torch-fidelity .*--no-deps .*same build as your torch"
+            SystemExit, match="^error: FID/IS need torch-fidelity: .*--no-deps .*same build as your torch"
         ):
             evaluate.load_inception(None)
 
 
 def test_prompt_files(tmp_path):
-    (tmp_path / "p.txt").write_text("a cat\n\n  a dog  \n")
+    (tmp_path / "p.txt").write_text("a cat\n  a dog  \n\n \n")  # blank lines at the end are no prompts
     (tmp_path / "p.csv").write_text('id,prompt,caption\n1,"a cat, sitting",x\n2,a dog,y\n')
     assert evaluate.load_prompts(str(tmp_path / "p.txt")) == ["a cat", "a dog"]
     assert evaluate.load_prompts(str(tmp_path / "p.csv")) == ["x", "y"]  # caption before prompt
+    (tmp_path / "bom.csv").write_text("\ufefftext\na cat\n", encoding="utf-8")  # as spreadsheet programs save it
+    assert evaluate.load_prompts(str(tmp_path / "bom.csv")) == ["a cat"]
     with pytest.raises(SystemExit, match="^error: .* has no column text, caption or prompt .*it has id"):
         (tmp_path / "q.csv").write_text("id,words\n1,a cat\n")
         evaluate.load_prompts(str(tmp_path / "q.csv"))
@@ -217,7 +215,7 @@ def test_prompt_files(tmp_path):
 def test_prompt_files_split_on_newlines_only(tmp_path):
     # U+2028 and U+0085 occur inside web captions; str.splitlines() would shift every later prompt id
     txt = tmp_path / "prompts.txt"
-    txt.write_text("a cat\u2028on a mat\r\nsecond\u0085prompt\n\nthird\n", encoding="utf-8")
+    txt.write_text("a cat\u2028on a mat\r\nsecond\u0085prompt\nthird\n", encoding="utf-8")
     assert evaluate.load_prompts(str(txt)) == ["a cat\u2028on a mat", "second\u0085prompt", "third"]
 
 
@@ -294,6 +292,7 @@ def test_generate_resume_score_subsets(tiny_sd, tmp_path, prompt_file, capsys):
     m = report["metrics"]
     assert {k: v["n"] for k, v in m.items()} == {"all": 6, "cats": 2, "ids": 2}
     assert report["protocol"]["generation"]["steps"] == 2 and report["protocol"]["image_format"] == "jpg"
+    assert report["protocol"]["generation"]["scheduler"] == "PNDMScheduler"  # SD v1's own, as in the paper
     assert report["protocol"]["is"] == {"splits": 2, "shuffle_seed": 2020, "std": "population (ddof 0)"}
     assert (m["all"]["fid_reference"], m["cats"]["fid_reference"], m["ids"]["fid_reference"]) == (
         str(ref),
@@ -347,6 +346,44 @@ def test_generate_resume_score_subsets(tiny_sd, tmp_path, prompt_file, capsys):
     png = pixels(tmp_path / "png" / "images", "png")
     assert list(png) == ["000000.png", "000001.png"]
     assert 0 < np.abs(png["000000.png"] - images["000000.jpg"]).mean() < 40  # noise-like images: big JPEG losses
+
+
+def test_sdxl_pipeline_is_sampled_at_its_own_size_and_scored(tiny_sdxl, tmp_path, prompt_file):
+    from diffusers import StableDiffusionXLPipeline
+
+    ref = random_images(tmp_path / "real", 24)
+    out = tmp_path / "eval"
+    inception, clip = TinyInception(), tiny_clip()
+    gen = ["--steps", "2", "--resize", "32", "--batch-size", "3"]  # no --resolution: the pipeline's own size
+    run(
+        ["--model", tiny_sdxl, "--prompts", prompt_file, "--out-dir", out, "--ref", ref, *gen, "--is-splits", "2"],
+        inception=inception,
+        clip=clip,
+    )
+    settings = json.loads((out / "generation.json").read_text())["settings"]
+    # UNet sample_size 8 x VAE factor 8 (SDXL base: 128 x 8 = 1024), with the folder's own Euler scheduler
+    assert (settings["resolution"], settings["scheduler"]) == (64, "EulerDiscreteScheduler")
+    # the same images from the stock SDXL pipeline at its defaults, through the published JPEG steps by hand
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl, add_watermarker=False)
+    pipe.set_progress_bar_config(disable=True)
+    images = pixels(out / "images")
+    assert list(images) == [f"{i:06d}.jpg" for i in range(6)]
+    for ids in ([0, 1, 2], [3, 4, 5]):
+        generators = [torch.Generator().manual_seed(1234 + i) for i in ids]
+        made = pipe([PROMPTS[i] for i in ids], num_inference_steps=2, guidance_scale=7.5, generator=generators).images
+        for i, image in zip(ids, made):
+            assert image.size == (64, 64)
+            assert np.abs(images[f"{i:06d}.jpg"] - published_jpeg(image, 32, tmp_path)).max() <= 2
+    assert (images["000000.jpg"] != images["000005.jpg"]).any()  # same prompt, different seed
+    # every metric equals its recomputation from the image files
+    m = json.loads((out / "metrics.json").read_text())["metrics"]["all"]
+    with torch.no_grad():
+        x = torch.from_numpy(np.stack([a.astype(np.uint8) for a in images.values()])).permute(0, 3, 1, 2)
+        pool, logits = (t.double().numpy() for t in inception(x))
+    cosines = clip([Image.open(p) for p in sorted((out / "images").iterdir())], PROMPTS).numpy()
+    assert m["fid"] == pytest.approx(sample_space_fid(real_features(ref, inception), pool), rel=1e-6)
+    assert (m["is_mean"], m["is_std"]) == pytest.approx(torch_fidelity_is(logits, 2), rel=1e-9)
+    assert m["clip_score"] == pytest.approx(cosines.mean(), abs=1e-6)
 
 
 def test_reference_stats_file_and_compare(tmp_path, capsys):
@@ -415,7 +452,16 @@ def test_bad_inputs(tiny_sd, tmp_path, prompt_file):
         ],
         "cannot read .* as a .npz": ["--prompts", prompt_file, *out, "--ref", prompt_file, "--metrics", "fid"],
         "cannot load pipeline": ["--model", no_unet, "--prompts", prompt_file, *out, "--metrics", "none"],
-        "6 of 6 images .* missing": ["--prompts", prompt_file, "--out-dir", tmp_path / "o2", "--metrics", "clip"],
+        "6 of 6 images .* missing": [
+            "--prompts",
+            prompt_file,
+            "--out-dir",
+            tmp_path / "o2",
+            "--metrics",
+            "is",
+            "--is-splits",
+            "2",
+        ],
         "unknown metric": ["--prompts", prompt_file, *out, "--metrics", "fid,kid"],
         "FID needs --ref": ["--prompts", prompt_file, *out],
         "IS in 10 splits needs as many images; set all has 6": ["--prompts", prompt_file, *out, "--metrics", "is"],
@@ -478,6 +524,120 @@ def test_cli_error_is_one_line(tmp_path):
     assert proc.stderr.strip().splitlines() == [f"error: prompt file {tmp_path / 'p.csv'} not found"]
     help_ = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--help"], capture_output=True, text=True)
     assert help_.returncode == 0 and "--subset" in help_.stdout and "torchrun" in help_.stdout
+
+
+# -----------------------------------------------------------------------------
+# refused before any slow work, in one line, with nothing written
+
+
+def refusal(argv, **kw) -> str:
+    with pytest.raises(SystemExit) as e:
+        run(argv, **kw)
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+
+def test_models_neither_here_nor_on_the_hub_are_refused_first(tiny_sd, tmp_path, prompt_file, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "tiny_sd").symlink_to(tiny_sd)
+    (tmp_path / "empty").mkdir()
+    out = tmp_path / "o"
+    argv = ["--prompts", prompt_file, "--out-dir", out, "--metrics", "clip"]
+    offline = "no such folder here, and as a hub id it is not in the local cache while the hub is offline"
+    sd = ["--model", "runs/tiny_sd"]
+    cases = {  # a typo of a folder that reads as a hub id, a path that cannot be one, folders without the model
+        f"--model runs/tiny_sdd: {offline} (HF_HUB_OFFLINE=1)": ["--model", "runs/tiny_sdd"],
+        "--model ../runs/tiny_sd: folder not found": ["--model", "../runs/tiny_sd"],
+        f"--model {tmp_path / 'empty'}: the folder has no model_index.json": ["--model", tmp_path / "empty"],
+        # the CLIP model is found before the pipeline makes any image
+        f"--clip-model nobody/no-clip: {offline} (HF_HUB_OFFLINE=1)": [*sd, "--clip-model", "nobody/no-clip"],
+        f"--clip-model {tiny_sd}: the folder has no config.json": [*sd, "--clip-model", tiny_sd],
+    }
+    for message, extra in cases.items():
+        assert refusal([*argv, *extra]) == f"error: {message}"
+    assert not out.exists()
+    # online, with the hub unreachable (a closed local port): one line (no retry notices), no advice about flags
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    env = {**os.environ, "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": endpoint, "HF_HOME": str(tmp_path / "hf")}
+    cmd = [sys.executable, ROOT / "evaluate.py", *sd, "--clip-model", "nobody/no-clip", *argv]
+    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+    assert proc.returncode == 1
+    [line] = proc.stderr.strip().splitlines()
+    not_here = "error: --clip-model nobody/no-clip: no such folder here, and as a hub id it is not in the local cache"
+    assert line.startswith(f"{not_here}, and the hub ({endpoint}) is unreachable or refused it (")
+    assert "files_only" not in line and not out.exists()
+
+
+def test_prompt_file_that_is_not_utf8_names_the_line(tmp_path):
+    for name in ("latin1.txt", "latin1.csv"):
+        bad = tmp_path / name
+        bad.write_bytes("text\na cat\nun caf\u00e9 au lait\n".encode("latin-1"))
+        message = refusal(["--prompts", bad, "--out-dir", tmp_path / "o", "--metrics", "none"])
+        assert message == f"error: {bad} line 3 is not UTF-8 (byte 0xe9); save the file as UTF-8"
+    assert not (tmp_path / "o").exists()
+
+
+def test_blank_prompts_are_refused_with_their_line(tmp_path):
+    txt = _write(tmp_path / "p.txt", "a cat\n\na dog\n")
+    table = _write(tmp_path / "p.csv", 'file_name,text\n0.jpg,a cat\n1.jpg,"a dog\non a mat"\n2.jpg, \n3.jpg,a bird\n')
+    for path, line in ((txt, 2), (table, 5)):  # the csv's third row is on line 5 (its second spans two lines)
+        message = refusal(["--prompts", path, "--out-dir", tmp_path / "o", "--metrics", "none"])
+        assert message.startswith(f"error: {path} line {line}: blank prompt")
+    assert not (tmp_path / "o").exists()
+
+
+def test_out_dir_that_cannot_be_written_is_refused_before_any_model_loads(tmp_path, prompt_file):
+    broken = tmp_path / "broken"  # a pipeline folder that would fail to load: the out-dir is refused first
+    broken.mkdir()
+    (broken / "model_index.json").write_text("{}")
+    (tmp_path / "file").write_text("not a folder")
+    cases = {tmp_path / "file" / "eval": f"{tmp_path / 'file'} is a file"}
+    read_only = tmp_path / "read_only"
+    read_only.mkdir(mode=0o555)
+    if not os.access(read_only, os.W_OK):  # (root writes anywhere)
+        cases[read_only / "eval"] = f"{read_only} is read-only"
+    for out, why in cases.items():
+        message = refusal(["--model", broken, "--prompts", prompt_file, "--out-dir", out, "--metrics", "none"])
+        assert message == f"error: --out-dir {out} cannot be written: {why}"
+        assert not out.exists()
+
+
+def test_threads_sets_torchs_cpu_threads(tmp_path):
+    ref = random_images(tmp_path / "real", 24)
+    argv = ["--ref", ref, "--save-ref-stats", tmp_path / "ref.npz", "--resize", "32"]
+    run([*argv, "--threads", "2"], inception=TinyInception())
+    assert torch.get_num_threads() == 2 and (tmp_path / "ref.npz").is_file()
+    run([*argv, "--threads", "0"], inception=TinyInception())  # 0: left as torch has it
+    assert torch.get_num_threads() == 2
+    assert refusal([*argv, "--threads", "-1"]) == "error: --threads -1: give 0 (torch's choice) or more"
+
+
+def test_help_gives_every_flag_a_text_and_each_default_once(capsys):
+    with pytest.raises(SystemExit) as e:
+        evaluate.parse_args(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    helps = {}
+    for entry in re.split(r"\n  (?=-)", text[text.index("options:") :])[1:]:  # per flag: invocation, then help
+        invocation, *help_ = re.split(r"\s{2,}", entry.strip(), maxsplit=1)
+        flag = next(word for word in invocation.replace(",", " ").split() if word.startswith("--"))
+        helps[flag] = " ".join(" ".join(help_).split())
+    assert {"--model", "--resolution", "--steps", "--guidance", "--is-splits", "--threads"} <= set(helps)
+    for flag, help_ in helps.items():
+        assert help_ and "default: None" not in help_ and help_.count("default") <= 1, flag
+    assert helps["--steps"].endswith("(default: 25)") and "1024 SDXL" in helps["--resolution"]
+
+
+def test_tiny_clip_cli_takes_its_folder_as_a_required_argument(tmp_path):
+    script = str(ROOT / "tests" / "tiny_clip.py")
+    help_ = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, cwd=tmp_path)
+    assert help_.returncode == 0 and "folder" in help_.stdout
+    bare = subprocess.run([sys.executable, script], capture_output=True, text=True, cwd=tmp_path)
+    assert bare.returncode == 2 and "required: folder" in bare.stderr
+    assert list(tmp_path.iterdir()) == []  # no model was built, in a folder named --help or elsewhere
 
 
 # -----------------------------------------------------------------------------

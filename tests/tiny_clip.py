@@ -4,6 +4,7 @@
 The score it gives means nothing; it exercises the scoring path without the 5.5 GB ViT-g/14.
 """
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -53,4 +54,6 @@ def make_tiny_clip(out_dir: Path, mean=(0.48145466, 0.4578275, 0.40821073), std=
 
 
 if __name__ == "__main__":
-    print(make_tiny_clip(Path(sys.argv[1] if len(sys.argv) > 1 else "tiny_clip")))
+    parser = argparse.ArgumentParser(description="Build a tiny random CLIP folder for evaluate.py's --clip-model.")
+    parser.add_argument("folder", help="where to save the model, tokenizer and image processor")
+    print(make_tiny_clip(Path(parser.parse_args().folder)))
