@@ -649,7 +649,9 @@ def test_bad_inputs_give_one_line_errors(tiny_sd, cache, texts, tmp_path):
     assert "unknown --student 'bk_huge'" in error_of(tiny_sd, cache, out, "--student", "bk_huge", "--max-steps", "1")
     no_unet = tmp_path / "no_unet"
     (no_unet / "vae").mkdir(parents=True)
-    assert "not a loadable diffusers Stable Diffusion or SDXL pipeline" in error_of(no_unet, cache, out, "--max-steps", "1")
+    assert "not a loadable diffusers Stable Diffusion or SDXL pipeline" in error_of(
+        no_unet, cache, out, "--max-steps", "1"
+    )
     assert "pass --prompts FILE or --images DIR" in error_of(tiny_sd, tmp_path / "nodata", out)
     (tmp_path / "empty.txt").write_text("\n\n")
     assert "has no prompt" in error_of(tiny_sd, tmp_path / "d2", out, "--prompts", str(tmp_path / "empty.txt"))
