@@ -28,6 +28,7 @@ import logging
 import math
 import os
 import shutil
+import signal
 import tempfile
 import time
 import warnings
@@ -891,19 +892,53 @@ class Trainer:
         bar = tqdm(
             total=args.max_steps, initial=self.step_count, desc="train", disable=self.rank != 0, dynamic_ncols=True
         )
-        while self.step_count < args.max_steps:
-            grad_norm = self.step()
-            since += 1
-            bar.update(1)
-            step, last = self.step_count, self.step_count == args.max_steps
-            if step % args.log_every == 0 or step % args.checkpoint_every == 0 or last:
-                self.log(since, time.time() - t_last, float(grad_norm), bar)
-                t_last, since = time.time(), 0
-            if self.rank == 0 and (step % args.checkpoint_every == 0 or last):
-                self.save()
-            if self.rank == 0 and args.validate_every and (step % args.validate_every == 0 or last):
-                self.validate()
+        with StopSignals() as signals:
+            while self.step_count < args.max_steps:
+                grad_norm = self.step()
+                since += 1
+                bar.update(1)
+                stop = signals.signum
+                if self.ddp:  # a signal on any rank: every rank stops after this step (the handle kept as in log())
+                    flag = torch.tensor([stop], device=self.device)
+                    self.stop_reduce = dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True)
+                    self.stop_reduce.wait()
+                    stop = int(flag.item())
+                step, last = self.step_count, self.step_count == args.max_steps or stop > 0
+                if step % args.log_every == 0 or step % args.checkpoint_every == 0 or last:
+                    self.log(since, time.time() - t_last, float(grad_norm), bar)
+                    t_last, since = time.time(), 0
+                if self.rank == 0 and (step % args.checkpoint_every == 0 or last):
+                    self.save()
+                if self.rank == 0 and args.validate_every and (step % args.validate_every == 0 or last) and not stop:
+                    self.validate()
+                if stop:
+                    bar.close()
+                    if self.ddp:  # no rank exits before rank 0's checkpoint is on disk: torchrun would stop it
+                        dist.barrier()
+                    print0(f"interrupted at step {step}; continue with --resume")
+                    raise SystemExit(128 + stop)  # the shell's code for death by that signal
         bar.close()
+
+
+class StopSignals:
+    """SIGINT (Ctrl-C) and SIGTERM (preemption) ask training to stop after the current step; a second one stops at
+    once. One within a second of the first is the same one: torchrun forwards a terminal's Ctrl-C to its workers."""
+
+    def __enter__(self):
+        self.signum, self.first = 0, 0.0
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def handle(self, signum, frame) -> None:
+        if not self.signum:
+            self.signum, self.first = signum, time.monotonic()
+        elif time.monotonic() - self.first > 1:  # what the signal did before: KeyboardInterrupt, or death
+            signal.signal(signum, self.previous[signum])
+            signal.raise_signal(signum)
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
 
 def train(args) -> nn.Module | None:

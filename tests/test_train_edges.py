@@ -1,16 +1,20 @@
 # ruff: noqa: F811 -- the fixtures imported from test_train are requested by name as test arguments
-"""train.py at its edges: damaged checkpoints, a cache met with another list, flags out of range,
-unreadable inputs, library warnings. Each case ends in one `error:` line with nothing good deleted or
-overwritten, or in an exact recovery."""
+"""train.py at its edges: Ctrl-C and preemption, damaged checkpoints, a cache met with another list, flags out of range,
+unreadable inputs, library warnings. Each case ends in one `error:` line with nothing good deleted or overwritten, or
+in an exact recovery."""
 
 import json
+import os
 import shutil
+import signal
 import subprocess
+import sys
+import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_train import ENV, cache, cmd, error_of, one_thread, run_inproc, texts  # noqa: F401 (module fixtures, shared)
+from test_train import ENV, ROOT, cache, cmd, error_of, one_thread, run_inproc, texts  # noqa: F401 (module fixtures)
 
 import train
 
@@ -27,6 +31,74 @@ def flip_bytes(path, n=64):
 
 def names(folder):
     return sorted(p.name for p in folder.iterdir())
+
+
+# -----------------------------------------------------------------------------
+# Ctrl-C and preemption: stop after the step, save, resume exactly
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+RUN = ["--student", "bk_small", "--checkpoint-every", "100", "--max-steps"]  # steps follow
+
+
+def interrupt(argv, out, sig, group=False) -> tuple[int, str, str]:
+    """Start argv, send sig once steps are running (the log has a line), return (status, stdout, stderr). group:
+    to the whole process group, as a terminal's Ctrl-C; else to the process started (torchrun or train.py)."""
+    proc = subprocess.Popen(
+        argv, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    deadline = time.time() + 240
+    while not (out / "log.jsonl").is_file() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.killpg(proc.pid, sig) if group else proc.send_signal(sig)
+    stdout, stderr = proc.communicate(timeout=240)
+    return proc.returncode, stdout, stderr
+
+
+def stopped_at(out, stdout) -> int:
+    """The step the run says it stopped at, checked against the checkpoint and the log it left."""
+    step = int(stdout.strip().splitlines()[-1].removeprefix("interrupted at step ").split(";")[0])
+    assert stdout.strip().splitlines()[-1] == f"interrupted at step {step}; continue with --resume"
+    assert train.checkpoint_problem(out / "checkpoints" / f"step-{step:07d}.pt") is None  # intact, checksummed
+    assert json.loads((out / "log.jsonl").read_text().splitlines()[-1])["step"] == step
+    assert not (out / "unet").exists()
+    return step
+
+
+@pytest.mark.parametrize("sig, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_finishes_the_step_saves_and_the_resumed_run_is_exact(tiny_sd, cache, tmp_path, sig, status):
+    run_inproc(tiny_sd, cache, tmp_path / "full", *RUN, "6")
+    cut = tmp_path / "cut"
+    code, stdout, stderr = interrupt(cmd(tiny_sd, cache, cut, *RUN, "1000"), cut, sig)
+    assert code == status and "Traceback" not in stderr, stderr[-3000:]
+    assert stopped_at(cut, stdout) < 6
+    run_inproc(tiny_sd, cache, cut, *RUN, "6", "--resume")
+    a, b = (load_file(d / UNET) for d in (tmp_path / "full", cut))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def ddp_full(tiny_sd, cache, tmp_path_factory):
+    """An uninterrupted 2-process run of 6 steps."""
+    out = tmp_path_factory.mktemp("ddp") / "full"
+    subprocess.run(TORCHRUN + cmd(tiny_sd, cache, out, *RUN, "6")[1:], env=ENV, check=True, capture_output=True)
+    return load_file(out / UNET)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig, group", [(signal.SIGINT, True), (signal.SIGTERM, False)], ids=["ctrl-c", "sigterm"])
+def test_under_torchrun_every_rank_stops_after_one_step_and_the_resume_is_exact(
+    tiny_sd, cache, tmp_path, ddp_full, sig, group
+):
+    # a terminal's Ctrl-C reaches torchrun and both ranks, and torchrun forwards it again; a scheduler's SIGTERM
+    # goes to torchrun, which forwards it
+    cut = tmp_path / "cut"
+    code, stdout, stderr = interrupt(TORCHRUN + cmd(tiny_sd, cache, cut, *RUN, "1000")[1:], cut, sig, group)
+    assert code != 0 and "SignalException" in stderr  # torchrun's own report of the signal it got
+    assert stdout.count("interrupted at step") == 1 and stopped_at(cut, stdout) < 6
+    argv = TORCHRUN + cmd(tiny_sd, cache, cut, *RUN, "6", "--resume")[1:]
+    subprocess.run(argv, env=ENV, check=True, capture_output=True, timeout=300)
+    resumed = load_file(cut / UNET)
+    assert all(torch.equal(ddp_full[k], resumed[k]) for k in ddp_full)
 
 
 # -----------------------------------------------------------------------------
