@@ -140,6 +140,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--checkpoint-every", type=POSITIVE, default=1000, help="steps between checkpoints")
     p.add_argument("--keep-checkpoints", type=POSITIVE, default=2, help="how many of the latest checkpoints to keep")
     p.add_argument("--resume", nargs="?", const="latest", help="'latest' in --output-dir, or a checkpoint file")
+    p.add_argument("--overwrite", action="store_true", help="start anew in an --output-dir that holds a run")
     p.add_argument("--seed", type=COUNT, default=1234, help="seeds the student init, the data order and every draw")
     p.add_argument("--log-every", type=POSITIVE, default=10, help="steps between log lines (and NaN checks)")
     p.add_argument("--validate-every", type=COUNT, default=1000, help="steps between validation grids (0: never)")
@@ -175,6 +176,12 @@ def check_args(args, world_size: int) -> tuple[int, tuple[str, list] | None]:
     source = ("images", read_image_captions(args.images)) if args.images else source
     if not built:
         writable(data, "--data")
+    out = Path(args.output_dir)  # one run per folder: a second one would interleave its log and checkpoints
+    if ((out / "checkpoints").exists() or (out / "log.jsonl").exists()) and not (args.resume or args.overwrite):
+        fail(f"{out} holds a run (checkpoints/, log.jsonl); continue it with --resume, or use a new --output-dir")
+    if args.overwrite and not args.resume and int(os.environ.get("RANK", 0)) == 0:
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        (out / "log.jsonl").unlink(missing_ok=True)
     return args.total_batch_size // per_step, source
 
 

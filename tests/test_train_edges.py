@@ -1,7 +1,7 @@
 # ruff: noqa: F811 -- the fixtures imported from test_train are requested by name as test arguments
-"""train.py at its edges: Ctrl-C and preemption, damaged checkpoints, a cache met with another list, flags out of range,
-unreadable inputs, library warnings. Each case ends in one `error:` line with nothing good deleted or overwritten, or
-in an exact recovery."""
+"""train.py at its edges: Ctrl-C and preemption, damaged checkpoints, a second run in one folder, a cache met with
+another list, flags out of range, unreadable inputs, library warnings. Each case ends in one `error:` line with
+nothing good deleted or overwritten, or in an exact recovery."""
 
 import json
 import os
@@ -311,3 +311,24 @@ def test_a_student_config_that_does_not_parse_is_refused(tiny_sd, cache, tmp_pat
     bad.write_text("{not json")
     msg = error_of(tiny_sd, cache, tmp_path / "o", "--student", str(bad), "--max-steps", "1")
     assert f"--student {bad}: not a readable UNet config.json" in msg
+
+
+# -----------------------------------------------------------------------------
+# one run per folder; what a run records and says at its end; the tiny-model helper's command line
+
+
+def test_a_new_run_in_a_folder_that_holds_one_is_refused_unless_overwrite(tiny_sd, cache, tmp_path):
+    out = tmp_path / "o"
+    flags = ["--lambda-feat", "0", "--no-ema", "--checkpoint-every", "1"]
+    run_inproc(tiny_sd, cache, out, *flags, "--max-steps", "2")
+    before = {p.name: p.read_bytes() for p in (out / "checkpoints").iterdir()} | {
+        "log": (out / "log.jsonl").read_bytes()
+    }
+    msg = error_of(tiny_sd, cache, out, *flags, "--max-steps", "1")
+    assert f"{out} holds a run" in msg and "--resume" in msg and "new --output-dir" in msg
+    assert {p.name: p.read_bytes() for p in (out / "checkpoints").iterdir()} | {
+        "log": (out / "log.jsonl").read_bytes()
+    } == before
+    run_inproc(tiny_sd, cache, out, *flags, "--max-steps", "1", "--overwrite")
+    assert names(out / "checkpoints") == ["step-0000001.pt", "step-0000001.pt.json"]  # step 2 of the old run went
+    assert [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()] == [1]
