@@ -145,6 +145,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--log-every", type=POSITIVE, default=10, help="steps between log lines (and NaN checks)")
     p.add_argument("--validate-every", type=COUNT, default=1000, help="steps between validation grids (0: never)")
     p.add_argument("--validation-steps", type=POSITIVE, default=25, help="sampling steps of the validation grid")
+    p.add_argument("--threads", type=COUNT, default=0, help="CPU threads per process (0: torch's choice)")
     return p.parse_args(argv)
 
 
@@ -737,7 +738,9 @@ class Trainer:
         if ddp:
             self.model = DDP(self.student, device_ids=[device.index] if cuda else None)
         if rank == 0:
-            (self.out / "args.json").write_text(json.dumps(vars(args), indent=1))
+            ran = {"device": device.type, "processes": world_size, "threads": torch.get_num_threads()}
+            ran["precision"] = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "fp32")  # CPU: fp32
+            (self.out / "args.json").write_text(json.dumps(vars(args) | {"ran": ran}, indent=1))
         batch = f"{world_size} processes x batch {args.batch_size} x {self.grad_accum} accumulation"
         print0(f"{batch} = {args.total_batch_size} per step, {args.max_steps} steps on {device.type}, autocast {dtype}")
 
@@ -950,6 +953,8 @@ class StopSignals:
 
 def train(args) -> nn.Module | None:
     """Build or open the cache, train, export. Returns the trained module (student UNet + projections)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
     ddp, rank, _, world_size, device = setup_ddp()
     quiet_libraries()
     try:

@@ -332,3 +332,12 @@ def test_a_new_run_in_a_folder_that_holds_one_is_refused_unless_overwrite(tiny_s
     run_inproc(tiny_sd, cache, out, *flags, "--max-steps", "1", "--overwrite")
     assert names(out / "checkpoints") == ["step-0000001.pt", "step-0000001.pt.json"]  # step 2 of the old run went
     assert [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()] == [1]
+
+
+def test_args_json_records_what_ran_and_threads_sets_torchs_threads(tiny_sd, cache, tmp_path):
+    torch.set_num_threads(2)  # as torch's choice would be on this machine; the run asks for 1
+    run_inproc(tiny_sd, cache, tmp_path / "o", "--max-steps", "1", "--lambda-feat", "0", "--threads", "1")
+    assert torch.get_num_threads() == 1
+    record = json.loads((tmp_path / "o" / "args.json").read_text())
+    assert record["ran"] == {"device": "cpu", "processes": 1, "threads": 1, "precision": "fp32"}
+    assert record["mixed_precision"] == "fp16"  # the flag as given; "ran" says what a CPU made of it
