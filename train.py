@@ -150,8 +150,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def fail(message: str):
-    """Bad input or damaged state: one line, exit status 1, no traceback."""
-    raise SystemExit(f"error: {message}")
+    """Bad input or damaged state: one line (rank 0 speaks for all), exit status 1, no traceback."""
+    raise SystemExit(f"error: {message}" if int(os.environ.get("RANK", 0)) == 0 else 1)
 
 
 def check_args(args, world_size: int) -> tuple[int, tuple[str, list] | None]:

@@ -1,7 +1,7 @@
 # ruff: noqa: F811 -- the fixtures imported from test_train are requested by name as test arguments
 """train.py at its edges: Ctrl-C and preemption, damaged checkpoints, a second run in one folder, a cache met with
-another list, flags out of range, unreadable inputs, library warnings. Each case ends in one `error:` line with
-nothing good deleted or overwritten, or in an exact recovery."""
+another list, flags out of range, unreadable inputs, errors under torchrun, library warnings. Each case ends in one
+`error:` line with nothing good deleted or overwritten, or in an exact recovery."""
 
 import json
 import os
@@ -311,6 +311,21 @@ def test_a_student_config_that_does_not_parse_is_refused(tiny_sd, cache, tmp_pat
     bad.write_text("{not json")
     msg = error_of(tiny_sd, cache, tmp_path / "o", "--student", str(bad), "--max-steps", "1")
     assert f"--student {bad}: not a readable UNet config.json" in msg
+
+
+@pytest.mark.slow
+def test_a_config_error_under_torchrun_is_printed_once(tiny_sd, cache, tmp_path):
+    r = subprocess.run(
+        TORCHRUN + cmd(tiny_sd, cache, tmp_path / "o", "--student", "bk_huge")[1:],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    said = r.stdout + r.stderr
+    assert r.returncode == 1 and said.count("error: unknown --student 'bk_huge'") == 1
+    assert "ChildFailedError" in said and "exitcode  : 1" in said  # torchrun's report follows; no rank was killed
+    assert not (tmp_path / "o").exists()
 
 
 # -----------------------------------------------------------------------------
