@@ -162,6 +162,7 @@ def check_args(args, world_size: int) -> tuple[int, tuple[str, list] | None]:
         fail(f"--total-batch-size {args.total_batch_size} is not a multiple of --batch-size x processes = {per_step}")
     if args.student not in STUDENTS and not Path(args.student).exists():
         fail(f"unknown --student {args.student!r}; use one of {', '.join(STUDENTS)} or a path to a UNet config.json")
+    check_teacher(args.teacher)
     try:  # each pool file on its own, now: an empty or wrong one would otherwise surface after the cache build
         for f in args.text_pool:
             TextPool(Path(f))
@@ -192,6 +193,24 @@ def writable(folder: Path, flag: str) -> None:
         tempfile.TemporaryFile(dir=folder).close()
     except OSError as e:
         fail(f"{flag} {folder} is not a writable folder ({e.strerror or e}); choose another")
+
+
+def check_teacher(name: str) -> None:
+    """A --teacher that is neither a folder here nor to be had from the hub, said in one line before slow work."""
+    from huggingface_hub import constants, errors, model_info, try_to_load_from_cache
+
+    # a hub id is namespace/name; "./x", "/x", "a/b/c", or "runs/tiny_sdd" beside a folder runs/ is a path
+    if not Path(name).is_dir() and (name.count("/") != 1 or name[0] in "./~" or Path(name).parent.is_dir()):
+        fail(f"--teacher {name}: folder not found")
+    try:
+        if Path(name).is_dir() or isinstance(try_to_load_from_cache(name, "model_index.json"), str):
+            return
+        model_info(name, timeout=20)
+    except Exception as e:  # not on the hub, offline, or a network error of whichever HTTP client the hub uses
+        why = f"is unreachable ({' '.join(str(e).split())})"
+        why = "is offline (HF_HUB_OFFLINE=1)" if constants.HF_HUB_OFFLINE else why
+        why = "has no such model" if isinstance(e, errors.RepositoryNotFoundError) else why
+        fail(f"--teacher {name}: not a folder here, not in the local hub cache, and the hub {why}")
 
 
 # captions over 77 tokens are cut as in SD's own training; the rest the user cannot act on either

@@ -1,7 +1,7 @@
 # ruff: noqa: F811 -- the fixtures imported from test_train are requested by name as test arguments
 """train.py at its edges: Ctrl-C and preemption, damaged checkpoints, a second run in one folder, a cache met with
-another list, flags out of range, unreadable inputs, errors under torchrun, library warnings. Each case ends in one
-`error:` line with nothing good deleted or overwritten, or in an exact recovery."""
+another list, flags out of range, unreadable inputs, a teacher that cannot be had, errors under torchrun, library
+warnings. Each case ends in one `error:` line with nothing good deleted or overwritten, or in an exact recovery."""
 
 import json
 import os
@@ -356,3 +356,38 @@ def test_args_json_records_what_ran_and_threads_sets_torchs_threads(tiny_sd, cac
     record = json.loads((tmp_path / "o" / "args.json").read_text())
     assert record["ran"] == {"device": "cpu", "processes": 1, "threads": 1, "precision": "fp32"}
     assert record["mixed_precision"] == "fp16"  # the flag as given; "ran" says what a CPU made of it
+
+
+# -----------------------------------------------------------------------------
+# a teacher that is neither a folder here nor to be had from the hub, said before any slow work
+
+
+@pytest.mark.parametrize(
+    "teacher, expected",
+    [
+        ("runs/tiny_sdd", "--teacher runs/tiny_sdd: folder not found"),  # beside a folder runs/: a path
+        ("./tiny_sdd", "--teacher ./tiny_sdd: folder not found"),
+        ("runs/a/b", "--teacher runs/a/b: folder not found"),
+        (
+            "CompVis/no-such-model",
+            "--teacher CompVis/no-such-model: not a folder here, not in the local hub cache, and the hub is offline"
+            " (HF_HUB_OFFLINE=1)",
+        ),
+    ],
+)
+def test_a_teacher_that_cannot_be_had_is_named_before_anything_is_written(tmp_path, monkeypatch, teacher, expected):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    assert error_of(teacher, tmp_path / "data", tmp_path / "o", "--prompts", "never-read.txt") == f"error: {expected}"
+    assert names(tmp_path) == ["runs"]
+
+
+def test_an_unreachable_hub_is_named_in_one_line(tmp_path):
+    env = {**ENV, "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"}  # a closed port: refused at once
+    r = subprocess.run(
+        cmd("CompVis/no-such-model", tmp_path / "d", tmp_path / "o"), env=env, capture_output=True, text=True
+    )
+    assert r.returncode == 1 and "Traceback" not in r.stderr and "local_files_only" not in r.stderr
+    line = r.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: --teacher CompVis/no-such-model: not a folder here, not in the local hub cache,")
+    assert "and the hub is unreachable (" in line and not (tmp_path / "d").exists()
