@@ -527,6 +527,7 @@ def open_cache(args, source, pipe, resolution: int, latent_shape: tuple, rank: i
                 atomic_save(data / "captions.txt", "".join(" ".join(c.split()) + "\n" for c in captions))
                 shape = {"num_samples": len(items), "num_shards": n_shards, "latent_shape": list(latent_shape)}
                 atomic_save(data / "meta.json", json.dumps(made | shape, indent=1))
+                (data / "build.json").unlink(missing_ok=True)  # meta.json now says it all
             if dist.is_initialized():
                 dist.barrier()
     cache = LatentCache(data)

@@ -186,7 +186,8 @@ def test_a_built_cache_met_with_other_prompts_is_refused(tiny_sd, cache, tmp_pat
 def test_a_half_built_cache_met_with_other_prompts_is_refused(tiny_sd, texts, tmp_path):
     data = tmp_path / "data"
     run_inproc(tiny_sd, data, tmp_path / "o", "--prompts", str(texts[0]), "--shard-size", "3", "--max-steps", "0")
-    (data / "meta.json").unlink()  # as if the build had died
+    assert not (data / "build.json").exists()  # a finished cache has one record, meta.json
+    (data / "meta.json").rename(data / "build.json")  # as if the build had died: its record, with the same keys
     (data / "latents-00002.npy").unlink()
     before = {p.name: p.read_bytes() for p in data.iterdir()}
     msg = error_of(tiny_sd, data, tmp_path / "o", "--prompts", str(texts[1]), "--shard-size", "3", "--max-steps", "0")
