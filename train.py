@@ -98,7 +98,11 @@ COUNT, POSITIVE, WEIGHT, PROB = number(int, 0), number(int, 1), number(float, 0)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = Parser(description=__doc__.split("\n\n")[1], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    class Help(argparse.ArgumentDefaultsHelpFormatter):  # "(default: None)" says nothing: the help says it
+        def _get_help_string(self, action):
+            return action.help if action.default in (None, []) else super()._get_help_string(action)
+
+    p = Parser(description=__doc__.split("\n\n")[1], formatter_class=Help)
     on_off = argparse.BooleanOptionalAction
     # models
     p.add_argument("--teacher", default="CompVis/stable-diffusion-v1-4", help="diffusers SD pipeline: hub id or folder")
