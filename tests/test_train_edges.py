@@ -359,6 +359,15 @@ def test_args_json_records_what_ran_and_threads_sets_torchs_threads(tiny_sd, cac
     assert record["mixed_precision"] == "fp16"  # the flag as given; "ran" says what a CPU made of it
 
 
+def test_the_tiny_sd_helper_takes_its_folder_as_a_required_argument(tmp_path):
+    helper = [sys.executable, str(ROOT / "tests" / "tiny_sd.py")]
+    r = subprocess.run([*helper, "--help"], cwd=tmp_path, env=ENV, capture_output=True, text=True)
+    assert r.returncode == 0 and "folder" in r.stdout
+    r = subprocess.run(helper, cwd=tmp_path, env=ENV, capture_output=True, text=True)
+    assert r.returncode == 2 and "required: folder" in r.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 # -----------------------------------------------------------------------------
 # a teacher that is neither a folder here nor to be had from the hub, said before any slow work
 
