@@ -191,8 +191,12 @@ def check_args(args, world_size: int) -> tuple[int, tuple[str, list] | None]:
     return args.total_batch_size // per_step, source
 
 
+CREATED = []  # folders this run made, deepest first: removed at its end if they are still empty
+
+
 def writable(folder: Path, flag: str) -> None:
     try:
+        CREATED.extend(p for p in (folder, *folder.parents) if not p.exists())
         folder.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=folder).close()
     except OSError as e:
@@ -991,6 +995,9 @@ def train(args) -> nn.Module | None:
             print0(f"saved the student pipeline to {trainer.out} (StableDiffusionPipeline.from_pretrained)")
         return trainer.student
     finally:
+        while CREATED:  # a failed run leaves no empty folder of its own making behind
+            with contextlib.suppress(OSError):  # not empty: kept
+                CREATED.pop(0).rmdir()
         if ddp:
             dist.destroy_process_group()
 

@@ -359,6 +359,15 @@ def test_args_json_records_what_ran_and_threads_sets_torchs_threads(tiny_sd, cac
     assert record["mixed_precision"] == "fp16"  # the flag as given; "ran" says what a CPU made of it
 
 
+def test_a_failed_run_leaves_no_empty_folder_it_made(tiny_sd, texts, tmp_path):
+    no_unet = tmp_path / "no_unet"
+    (no_unet / "vae").mkdir(parents=True)
+    kept = tmp_path / "kept"
+    kept.mkdir()  # there before the run: stays, even empty
+    error_of(no_unet, tmp_path / "new" / "data", kept, "--prompts", str(texts[0]))
+    assert not (tmp_path / "new").exists() and kept.is_dir()
+
+
 def test_the_tiny_sd_helper_takes_its_folder_as_a_required_argument(tmp_path):
     helper = [sys.executable, str(ROOT / "tests" / "tiny_sd.py")]
     r = subprocess.run([*helper, "--help"], cwd=tmp_path, env=ENV, capture_output=True, text=True)
