@@ -849,7 +849,7 @@ class Trainer:
             # The group ends when the trainer is freed, with self.model (DDP), set before this attribute.
             self.all_reduce = dist.all_reduce(values, async_op=True)
             self.all_reduce.wait()
-        vals = dict(zip(self.logged, (values / (n_steps * self.world_size)).tolist()))
+        vals = self.last_logged = dict(zip(self.logged, (values / (n_steps * self.world_size)).tolist()))
         self.logged = {}
         if not all(math.isfinite(v) for v in vals.values()):
             bar.close()
@@ -979,6 +979,18 @@ class StopSignals:
             signal.signal(s, handler)
 
 
+def summary(trainer: Trainer, seconds: float) -> None:
+    """The closing lines: how far it went, the last logged losses, where the pipeline is and how to score it."""
+    losses = getattr(trainer, "last_logged", {})  # none when a finished run is resumed
+    terms = "".join(f" | {k.removeprefix('loss_')} {v:.4f}" for k, v in losses.items() if k.startswith("loss"))
+    print0(f"done: step {trainer.step_count}, {datetime.timedelta(seconds=round(seconds))} in this run{terms}")
+    size = "" if trainer.resolution == 512 else f" --resolution {trainer.resolution}"  # evaluate.py's default: 512
+    print0(f"student pipeline in {trainer.out}; score it (PROMPTS: e.g. MS-COCO 30K captions, REF: FID statistics):")
+    print0(
+        f"python evaluate.py --model {trainer.out}{size} --prompts PROMPTS --ref REF.npz --out-dir {trainer.out}_eval"
+    )
+
+
 def train(args) -> nn.Module | None:
     """Build or open the cache, train, export. Returns the trained module (student UNet + projections)."""
     if args.threads:
@@ -989,10 +1001,11 @@ def train(args) -> nn.Module | None:
         trainer = Trainer(args, ddp, rank, world_size, device)
         if args.max_steps == 0:
             return None
+        start = time.time()
         trainer.fit()
         if rank == 0:
             export(trainer.student.unet, trainer.ema, args, trainer.out)
-            print0(f"saved the student pipeline to {trainer.out} (StableDiffusionPipeline.from_pretrained)")
+            summary(trainer, time.time() - start)
         return trainer.student
     finally:
         while CREATED:  # a failed run leaves no empty folder of its own making behind

@@ -360,6 +360,22 @@ def test_args_json_records_what_ran_and_threads_sets_torchs_threads(tiny_sd, cac
     assert record["mixed_precision"] == "fp16"  # the flag as given; "ran" says what a CPU made of it
 
 
+def test_training_ends_with_a_summary_and_the_command_that_scores_it(tiny_sd, cache, tmp_path, capsys):
+    out = tmp_path / "o"
+    run_inproc(tiny_sd, cache, out, "--max-steps", "2", "--lambda-feat", "0", "--no-ema")
+    last = json.loads((out / "log.jsonl").read_text().splitlines()[-1])
+    done, where, command = capsys.readouterr().out.strip().splitlines()[-3:]
+    assert done.startswith("done: step 2, 0:00:") and f"| kd_out {last['loss_kd_out']:.4f}" in done
+    assert where.startswith(f"student pipeline in {out};")
+    assert command == (
+        f"python evaluate.py --model {out} --resolution 64 --prompts PROMPTS --ref REF.npz --out-dir {out}_eval"
+    )
+    usage = subprocess.run(
+        [sys.executable, str(ROOT / "evaluate.py"), "--help"], env=ENV, capture_output=True, text=True
+    )
+    assert all(f"[{flag} " in usage.stdout for flag in ("--model", "--resolution", "--prompts", "--ref", "--out-dir"))
+
+
 def test_a_failed_run_leaves_no_empty_folder_it_made(tiny_sd, texts, tmp_path):
     no_unet = tmp_path / "no_unet"
     (no_unet / "vae").mkdir(parents=True)
