@@ -28,6 +28,7 @@ import logging
 import math
 import os
 import shutil
+import signal
 import tempfile
 import time
 import warnings
@@ -98,7 +99,11 @@ COUNT, POSITIVE, WEIGHT, PROB = number(int, 0), number(int, 1), number(float, 0)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = Parser(description=__doc__.split("\n\n")[1], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    class Help(argparse.ArgumentDefaultsHelpFormatter):  # "(default: None)" says nothing: the help says it
+        def _get_help_string(self, action):
+            return action.help if action.default in (None, []) else super()._get_help_string(action)
+
+    p = Parser(description=__doc__.split("\n\n")[1], formatter_class=Help)
     on_off = argparse.BooleanOptionalAction
     # models
     p.add_argument(
@@ -142,16 +147,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--checkpoint-every", type=POSITIVE, default=1000, help="steps between checkpoints")
     p.add_argument("--keep-checkpoints", type=POSITIVE, default=2, help="how many of the latest checkpoints to keep")
     p.add_argument("--resume", nargs="?", const="latest", help="'latest' in --output-dir, or a checkpoint file")
+    p.add_argument("--overwrite", action="store_true", help="start anew in an --output-dir that holds a run")
     p.add_argument("--seed", type=COUNT, default=1234, help="seeds the student init, the data order and every draw")
     p.add_argument("--log-every", type=POSITIVE, default=10, help="steps between log lines (and NaN checks)")
     p.add_argument("--validate-every", type=COUNT, default=1000, help="steps between validation grids (0: never)")
     p.add_argument("--validation-steps", type=POSITIVE, default=25, help="sampling steps of the validation grid")
+    p.add_argument("--threads", type=COUNT, default=0, help="CPU threads per process (0: torch's choice)")
     return p.parse_args(argv)
 
 
 def fail(message: str):
-    """Bad input or damaged state: one line, exit status 1, no traceback."""
-    raise SystemExit(f"error: {message}")
+    """Bad input or damaged state: one line (rank 0 speaks for all), exit status 1, no traceback."""
+    raise SystemExit(f"error: {message}" if int(os.environ.get("RANK", 0)) == 0 else 1)
 
 
 def check_args(args, world_size: int) -> tuple[int, tuple[str, list] | None]:
@@ -162,6 +169,7 @@ def check_args(args, world_size: int) -> tuple[int, tuple[str, list] | None]:
         fail(f"--total-batch-size {args.total_batch_size} is not a multiple of --batch-size x processes = {per_step}")
     if args.student not in STUDENTS and not Path(args.student).exists():
         fail(f"unknown --student {args.student!r}; use one of {', '.join(STUDENTS)} or a path to a UNet config.json")
+    check_teacher(args.teacher)
     try:  # each pool file on its own, now: an empty or wrong one would otherwise surface after the cache build
         for f in args.text_pool:
             TextPool(Path(f))
@@ -177,15 +185,43 @@ def check_args(args, world_size: int) -> tuple[int, tuple[str, list] | None]:
     source = ("images", read_image_captions(args.images)) if args.images else source
     if not built:
         writable(data, "--data")
+    out = Path(args.output_dir)  # one run per folder: a second one would interleave its log and checkpoints
+    if ((out / "checkpoints").exists() or (out / "log.jsonl").exists()) and not (args.resume or args.overwrite):
+        fail(f"{out} holds a run (checkpoints/, log.jsonl); continue it with --resume, or use a new --output-dir")
+    if args.overwrite and not args.resume and int(os.environ.get("RANK", 0)) == 0:
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        (out / "log.jsonl").unlink(missing_ok=True)
     return args.total_batch_size // per_step, source
+
+
+CREATED = []  # folders this run made, deepest first: removed at its end if they are still empty
 
 
 def writable(folder: Path, flag: str) -> None:
     try:
+        CREATED.extend(p for p in (folder, *folder.parents) if not p.exists())
         folder.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=folder).close()
     except OSError as e:
         fail(f"{flag} {folder} is not a writable folder ({e.strerror or e}); choose another")
+
+
+def check_teacher(name: str) -> None:
+    """A --teacher that is neither a folder here nor to be had from the hub, said in one line before slow work."""
+    from huggingface_hub import constants, errors, model_info, try_to_load_from_cache
+
+    # a hub id is namespace/name; "./x", "/x", "a/b/c", or "runs/tiny_sdd" beside a folder runs/ is a path
+    if not Path(name).is_dir() and (name.count("/") != 1 or name[0] in "./~" or Path(name).parent.is_dir()):
+        fail(f"--teacher {name}: folder not found")
+    try:
+        if Path(name).is_dir() or isinstance(try_to_load_from_cache(name, "model_index.json"), str):
+            return
+        model_info(name, timeout=20)
+    except Exception as e:  # not on the hub, offline, or a network error of whichever HTTP client the hub uses
+        why = f"is unreachable ({' '.join(str(e).split())})"
+        why = "is offline (HF_HUB_OFFLINE=1)" if constants.HF_HUB_OFFLINE else why
+        why = "has no such model" if isinstance(e, errors.RepositoryNotFoundError) else why
+        fail(f"--teacher {name}: not a folder here, not in the local hub cache, and the hub {why}")
 
 
 # captions over 77 tokens are cut as in SD's own training; the rest the user cannot act on either
@@ -549,6 +585,7 @@ def open_cache(args, source, pipe, resolution: int, latent_shape: tuple, rank: i
                 atomic_save(data / "captions.txt", "".join(" ".join(c.split()) + "\n" for c in captions))
                 shape = {"num_samples": len(items), "num_shards": n_shards, "latent_shape": list(latent_shape)}
                 atomic_save(data / "meta.json", json.dumps(made | shape, indent=1))
+                (data / "build.json").unlink(missing_ok=True)  # meta.json now says it all
             if dist.is_initialized():
                 dist.barrier()
     cache = LatentCache(data)
@@ -785,7 +822,9 @@ class Trainer:
             # gradients as views into the reduction buckets: no second copy of them (4 bytes a parameter)
             self.model = DDP(self.student, device_ids=[device.index] if cuda else None, gradient_as_bucket_view=True)
         if rank == 0:
-            (self.out / "args.json").write_text(json.dumps(vars(args), indent=1))
+            ran = {"device": device.type, "processes": world_size, "threads": torch.get_num_threads()}
+            ran["precision"] = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "fp32")  # CPU: fp32
+            (self.out / "args.json").write_text(json.dumps(vars(args) | {"ran": ran}, indent=1))
         batch = f"{world_size} processes x batch {args.batch_size} x {self.grad_accum} accumulation"
         print0(f"{batch} = {args.total_batch_size} per step, {args.max_steps} steps on {device.type}, autocast {dtype}")
 
@@ -869,7 +908,7 @@ class Trainer:
             # The group ends when the trainer is freed, with self.model (DDP), set before this attribute.
             self.all_reduce = dist.all_reduce(values, async_op=True)
             self.all_reduce.wait()
-        vals = dict(zip(self.logged, (values / (n_steps * self.world_size)).tolist()))
+        vals = self.last_logged = dict(zip(self.logged, (values / (n_steps * self.world_size)).tolist()))
         self.logged = {}
         if not all(math.isfinite(v) for v in vals.values()):
             bar.close()
@@ -952,35 +991,87 @@ class Trainer:
         bar = tqdm(
             total=args.max_steps, initial=self.step_count, desc="train", disable=self.rank != 0, dynamic_ncols=True
         )
-        while self.step_count < args.max_steps:
-            grad_norm = self.step()
-            since += 1
-            bar.update(1)
-            step, last = self.step_count, self.step_count == args.max_steps
-            if step % args.log_every == 0 or step % args.checkpoint_every == 0 or last:
-                self.log(since, time.time() - t_last, float(grad_norm), bar)
-                t_last, since = time.time(), 0
-            if self.rank == 0 and (step % args.checkpoint_every == 0 or last):
-                self.save()
-            if self.rank == 0 and args.validate_every and (step % args.validate_every == 0 or last):
-                self.validate()
+        with StopSignals() as signals:
+            while self.step_count < args.max_steps:
+                grad_norm = self.step()
+                since += 1
+                bar.update(1)
+                stop = signals.signum
+                if self.ddp:  # a signal on any rank: every rank stops after this step (the handle kept as in log())
+                    flag = torch.tensor([stop], device=self.device)
+                    self.stop_reduce = dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True)
+                    self.stop_reduce.wait()
+                    stop = int(flag.item())
+                step, last = self.step_count, self.step_count == args.max_steps or stop > 0
+                if step % args.log_every == 0 or step % args.checkpoint_every == 0 or last:
+                    self.log(since, time.time() - t_last, float(grad_norm), bar)
+                    t_last, since = time.time(), 0
+                if self.rank == 0 and (step % args.checkpoint_every == 0 or last):
+                    self.save()
+                if self.rank == 0 and args.validate_every and (step % args.validate_every == 0 or last) and not stop:
+                    self.validate()
+                if stop:
+                    bar.close()
+                    if self.ddp:  # no rank exits before rank 0's checkpoint is on disk: torchrun would stop it
+                        dist.barrier()
+                    print0(f"interrupted at step {step}; continue with --resume")
+                    raise SystemExit(128 + stop)  # the shell's code for death by that signal
         bar.close()
+
+
+class StopSignals:
+    """SIGINT (Ctrl-C) and SIGTERM (preemption) ask training to stop after the current step; a second one stops at
+    once. One within a second of the first is the same one: torchrun forwards a terminal's Ctrl-C to its workers."""
+
+    def __enter__(self):
+        self.signum, self.first = 0, 0.0
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def handle(self, signum, frame) -> None:
+        if not self.signum:
+            self.signum, self.first = signum, time.monotonic()
+        elif time.monotonic() - self.first > 1:  # what the signal did before: KeyboardInterrupt, or death
+            signal.signal(signum, self.previous[signum])
+            signal.raise_signal(signum)
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def summary(trainer: Trainer, seconds: float) -> None:
+    """The closing lines: how far it went, the last logged losses, where the pipeline is and how to score it."""
+    losses = getattr(trainer, "last_logged", {})  # none when a finished run is resumed
+    terms = "".join(f" | {k.removeprefix('loss_')} {v:.4f}" for k, v in losses.items() if k.startswith("loss"))
+    print0(f"done: step {trainer.step_count}, {datetime.timedelta(seconds=round(seconds))} in this run{terms}")
+    size = f" --resolution {trainer.resolution}" if trainer.args.resolution else ""  # else the pipeline's own
+    print0(f"student pipeline in {trainer.out}; score it (PROMPTS: e.g. MS-COCO 30K captions, REF: FID statistics):")
+    print0(
+        f"python evaluate.py --model {trainer.out}{size} --prompts PROMPTS --ref REF.npz --out-dir {trainer.out}_eval"
+    )
 
 
 def train(args) -> nn.Module | None:
     """Build or open the cache, train, export. Returns the trained module (student UNet + projections)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
     ddp, rank, _, world_size, device = setup_ddp()
     quiet_libraries()
     try:
         trainer = Trainer(args, ddp, rank, world_size, device)
         if args.max_steps == 0:
             return None
+        start = time.time()
         trainer.fit()
         if rank == 0:
             export(trainer.pipe, trainer.student.unet, trainer.ema, args, trainer.out)
-            print0(f"saved the student pipeline to {trainer.out} (DiffusionPipeline.from_pretrained)")
+            summary(trainer, time.time() - start)
         return trainer.student
     finally:
+        while CREATED:  # a failed run leaves no empty folder of its own making behind
+            with contextlib.suppress(OSError):  # not empty: kept
+                CREATED.pop(0).rmdir()
         if ddp:
             dist.destroy_process_group()
 

@@ -1,16 +1,20 @@
 # ruff: noqa: F811 -- the fixtures imported from test_train are requested by name as test arguments
-"""train.py at its edges: damaged checkpoints, a cache met with another list, flags out of range,
-unreadable inputs, library warnings. Each case ends in one `error:` line with nothing good deleted or
-overwritten, or in an exact recovery."""
+"""train.py at its edges: Ctrl-C and preemption, damaged checkpoints, a second run in one folder, a cache met with
+another list, flags out of range, unreadable inputs, a teacher that cannot be had, errors under torchrun, library
+warnings. Each case ends in one `error:` line with nothing good deleted or overwritten, or in an exact recovery."""
 
 import json
+import os
 import shutil
+import signal
 import subprocess
+import sys
+import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_train import ENV, cache, cmd, error_of, one_thread, run_inproc, texts  # noqa: F401 (module fixtures, shared)
+from test_train import ENV, ROOT, cache, cmd, error_of, one_thread, run_inproc, texts  # noqa: F401 (module fixtures)
 
 import train
 
@@ -27,6 +31,74 @@ def flip_bytes(path, n=64):
 
 def names(folder):
     return sorted(p.name for p in folder.iterdir())
+
+
+# -----------------------------------------------------------------------------
+# Ctrl-C and preemption: stop after the step, save, resume exactly
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+RUN = ["--student", "bk_small", "--checkpoint-every", "100", "--max-steps"]  # steps follow
+
+
+def interrupt(argv, out, sig, group=False) -> tuple[int, str, str]:
+    """Start argv, send sig once steps are running (the log has a line), return (status, stdout, stderr). group:
+    to the whole process group, as a terminal's Ctrl-C; else to the process started (torchrun or train.py)."""
+    proc = subprocess.Popen(
+        argv, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    deadline = time.time() + 240
+    while not (out / "log.jsonl").is_file() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.killpg(proc.pid, sig) if group else proc.send_signal(sig)
+    stdout, stderr = proc.communicate(timeout=240)
+    return proc.returncode, stdout, stderr
+
+
+def stopped_at(out, stdout) -> int:
+    """The step the run says it stopped at, checked against the checkpoint and the log it left."""
+    step = int(stdout.strip().splitlines()[-1].removeprefix("interrupted at step ").split(";")[0])
+    assert stdout.strip().splitlines()[-1] == f"interrupted at step {step}; continue with --resume"
+    assert train.checkpoint_problem(out / "checkpoints" / f"step-{step:07d}.pt") is None  # intact, checksummed
+    assert json.loads((out / "log.jsonl").read_text().splitlines()[-1])["step"] == step
+    assert not (out / "unet").exists()
+    return step
+
+
+@pytest.mark.parametrize("sig, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_finishes_the_step_saves_and_the_resumed_run_is_exact(tiny_sd, cache, tmp_path, sig, status):
+    run_inproc(tiny_sd, cache, tmp_path / "full", *RUN, "6")
+    cut = tmp_path / "cut"
+    code, stdout, stderr = interrupt(cmd(tiny_sd, cache, cut, *RUN, "1000"), cut, sig)
+    assert code == status and "Traceback" not in stderr, stderr[-3000:]
+    assert stopped_at(cut, stdout) < 6
+    run_inproc(tiny_sd, cache, cut, *RUN, "6", "--resume")
+    a, b = (load_file(d / UNET) for d in (tmp_path / "full", cut))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def ddp_full(tiny_sd, cache, tmp_path_factory):
+    """An uninterrupted 2-process run of 6 steps."""
+    out = tmp_path_factory.mktemp("ddp") / "full"
+    subprocess.run(TORCHRUN + cmd(tiny_sd, cache, out, *RUN, "6")[1:], env=ENV, check=True, capture_output=True)
+    return load_file(out / UNET)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig, group", [(signal.SIGINT, True), (signal.SIGTERM, False)], ids=["ctrl-c", "sigterm"])
+def test_under_torchrun_every_rank_stops_after_one_step_and_the_resume_is_exact(
+    tiny_sd, cache, tmp_path, ddp_full, sig, group
+):
+    # a terminal's Ctrl-C reaches torchrun and both ranks, and torchrun forwards it again; a scheduler's SIGTERM
+    # goes to torchrun, which forwards it
+    cut = tmp_path / "cut"
+    code, stdout, stderr = interrupt(TORCHRUN + cmd(tiny_sd, cache, cut, *RUN, "1000")[1:], cut, sig, group)
+    assert code != 0 and "SignalException" in stderr  # torchrun's own report of the signal it got
+    assert stdout.count("interrupted at step") == 1 and stopped_at(cut, stdout) < 6
+    argv = TORCHRUN + cmd(tiny_sd, cache, cut, *RUN, "6", "--resume")[1:]
+    subprocess.run(argv, env=ENV, check=True, capture_output=True, timeout=300)
+    resumed = load_file(cut / UNET)
+    assert all(torch.equal(ddp_full[k], resumed[k]) for k in ddp_full)
 
 
 # -----------------------------------------------------------------------------
@@ -114,7 +186,8 @@ def test_a_built_cache_met_with_other_prompts_is_refused(tiny_sd, cache, tmp_pat
 def test_a_half_built_cache_met_with_other_prompts_is_refused(tiny_sd, texts, tmp_path):
     data = tmp_path / "data"
     run_inproc(tiny_sd, data, tmp_path / "o", "--prompts", str(texts[0]), "--shard-size", "3", "--max-steps", "0")
-    (data / "meta.json").unlink()  # as if the build had died
+    assert not (data / "build.json").exists()  # a finished cache has one record, meta.json
+    (data / "meta.json").rename(data / "build.json")  # as if the build had died: its record, with the same keys
     (data / "latents-00002.npy").unlink()
     before = {p.name: p.read_bytes() for p in data.iterdir()}
     msg = error_of(tiny_sd, data, tmp_path / "o", "--prompts", str(texts[1]), "--shard-size", "3", "--max-steps", "0")
@@ -232,6 +305,7 @@ def test_each_library_warning_shows_at_most_once(tiny_sd, cache, tmp_path):
     ]
     assert len(lines) == len(set(lines)), lines
     assert "truncated because CLIP" not in r.stderr and "Token indices sequence length" not in r.stderr
+    assert "accelerate" not in r.stderr  # a requirement: diffusers' notice of its absence does not show
 
 
 def test_a_student_config_that_does_not_parse_is_refused(tiny_sd, cache, tmp_path):
@@ -239,3 +313,117 @@ def test_a_student_config_that_does_not_parse_is_refused(tiny_sd, cache, tmp_pat
     bad.write_text("{not json")
     msg = error_of(tiny_sd, cache, tmp_path / "o", "--student", str(bad), "--max-steps", "1")
     assert f"--student {bad}: not a readable UNet config.json" in msg
+
+
+@pytest.mark.slow
+def test_a_config_error_under_torchrun_is_printed_once(tiny_sd, cache, tmp_path):
+    r = subprocess.run(
+        TORCHRUN + cmd(tiny_sd, cache, tmp_path / "o", "--student", "bk_huge")[1:],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    said = r.stdout + r.stderr
+    assert r.returncode == 1 and said.count("error: unknown --student 'bk_huge'") == 1
+    assert "ChildFailedError" in said and "exitcode  : 1" in said  # torchrun's report follows; no rank was killed
+    assert not (tmp_path / "o").exists()
+
+
+# -----------------------------------------------------------------------------
+# one run per folder; what a run records and says at its end; the tiny-model helper's command line
+
+
+def test_a_new_run_in_a_folder_that_holds_one_is_refused_unless_overwrite(tiny_sd, cache, tmp_path):
+    out = tmp_path / "o"
+    flags = ["--lambda-feat", "0", "--no-ema", "--checkpoint-every", "1"]
+    run_inproc(tiny_sd, cache, out, *flags, "--max-steps", "2")
+    before = {p.name: p.read_bytes() for p in (out / "checkpoints").iterdir()} | {
+        "log": (out / "log.jsonl").read_bytes()
+    }
+    msg = error_of(tiny_sd, cache, out, *flags, "--max-steps", "1")
+    assert f"{out} holds a run" in msg and "--resume" in msg and "new --output-dir" in msg
+    assert {p.name: p.read_bytes() for p in (out / "checkpoints").iterdir()} | {
+        "log": (out / "log.jsonl").read_bytes()
+    } == before
+    run_inproc(tiny_sd, cache, out, *flags, "--max-steps", "1", "--overwrite")
+    assert names(out / "checkpoints") == ["step-0000001.pt", "step-0000001.pt.json"]  # step 2 of the old run went
+    assert [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()] == [1]
+
+
+def test_args_json_records_what_ran_and_threads_sets_torchs_threads(tiny_sd, cache, tmp_path):
+    torch.set_num_threads(2)  # as torch's choice would be on this machine; the run asks for 1
+    run_inproc(tiny_sd, cache, tmp_path / "o", "--max-steps", "1", "--lambda-feat", "0", "--threads", "1")
+    assert torch.get_num_threads() == 1
+    record = json.loads((tmp_path / "o" / "args.json").read_text())
+    assert record["ran"] == {"device": "cpu", "processes": 1, "threads": 1, "precision": "fp32"}
+    assert record["mixed_precision"] == "fp16"  # the flag as given; "ran" says what a CPU made of it
+
+
+def test_training_ends_with_a_summary_and_the_command_that_scores_it(tiny_sd, cache, tmp_path, capsys):
+    out = tmp_path / "o"
+    run_inproc(tiny_sd, cache, out, "--max-steps", "2", "--lambda-feat", "0", "--no-ema")
+    last = json.loads((out / "log.jsonl").read_text().splitlines()[-1])
+    done, where, command = capsys.readouterr().out.strip().splitlines()[-3:]
+    assert done.startswith("done: step 2, 0:00:") and f"| kd_out {last['loss_kd_out']:.4f}" in done
+    assert where.startswith(f"student pipeline in {out};")
+    assert command == (
+        f"python evaluate.py --model {out} --resolution 64 --prompts PROMPTS --ref REF.npz --out-dir {out}_eval"
+    )
+    usage = subprocess.run(
+        [sys.executable, str(ROOT / "evaluate.py"), "--help"], env=ENV, capture_output=True, text=True
+    )
+    assert all(f"[{flag} " in usage.stdout for flag in ("--model", "--resolution", "--prompts", "--ref", "--out-dir"))
+
+
+def test_a_failed_run_leaves_no_empty_folder_it_made(tiny_sd, texts, tmp_path):
+    no_unet = tmp_path / "no_unet"
+    (no_unet / "vae").mkdir(parents=True)
+    kept = tmp_path / "kept"
+    kept.mkdir()  # there before the run: stays, even empty
+    error_of(no_unet, tmp_path / "new" / "data", kept, "--prompts", str(texts[0]))
+    assert not (tmp_path / "new").exists() and kept.is_dir()
+
+
+def test_the_tiny_sd_helper_takes_its_folder_as_a_required_argument(tmp_path):
+    helper = [sys.executable, str(ROOT / "tests" / "tiny_sd.py")]
+    r = subprocess.run([*helper, "--help"], cwd=tmp_path, env=ENV, capture_output=True, text=True)
+    assert r.returncode == 0 and "folder" in r.stdout
+    r = subprocess.run(helper, cwd=tmp_path, env=ENV, capture_output=True, text=True)
+    assert r.returncode == 2 and "required: folder" in r.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+# -----------------------------------------------------------------------------
+# a teacher that is neither a folder here nor to be had from the hub, said before any slow work
+
+
+@pytest.mark.parametrize(
+    "teacher, expected",
+    [
+        ("runs/tiny_sdd", "--teacher runs/tiny_sdd: folder not found"),  # beside a folder runs/: a path
+        ("./tiny_sdd", "--teacher ./tiny_sdd: folder not found"),
+        ("runs/a/b", "--teacher runs/a/b: folder not found"),
+        (
+            "CompVis/no-such-model",
+            "--teacher CompVis/no-such-model: not a folder here, not in the local hub cache, and the hub is offline"
+            " (HF_HUB_OFFLINE=1)",
+        ),
+    ],
+)
+def test_a_teacher_that_cannot_be_had_is_named_before_anything_is_written(tmp_path, monkeypatch, teacher, expected):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    assert error_of(teacher, tmp_path / "data", tmp_path / "o", "--prompts", "never-read.txt") == f"error: {expected}"
+    assert names(tmp_path) == ["runs"]
+
+
+def test_an_unreachable_hub_is_named_in_one_line(tmp_path):
+    env = {**ENV, "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"}  # a closed port: refused at once
+    r = subprocess.run(
+        cmd("CompVis/no-such-model", tmp_path / "d", tmp_path / "o"), env=env, capture_output=True, text=True
+    )
+    assert r.returncode == 1 and "Traceback" not in r.stderr and "local_files_only" not in r.stderr
+    line = r.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: --teacher CompVis/no-such-model: not a folder here, not in the local hub cache,")
+    assert "and the hub is unreachable (" in line and not (tmp_path / "d").exists()

@@ -125,6 +125,8 @@ def make_tiny_sd(out_dir: Path, full_size: bool = False) -> Path:
 
 
 if __name__ == "__main__":
-    import sys
+    import argparse
 
-    print(make_tiny_sd(Path(sys.argv[1] if len(sys.argv) > 1 else "tiny_sd")))
+    p = argparse.ArgumentParser(description="Save a tiny SD-v1-shaped pipeline with random weights (for CPU tests).")
+    p.add_argument("folder", type=Path, help="where to save it (diffusers save_pretrained)")
+    print(make_tiny_sd(p.parse_args().folder))
