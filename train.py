@@ -73,7 +73,7 @@ VALIDATION_PROMPTS = [
 NO_SAFETY_CHECKER = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 # -----------------------------------------------------------------------------
-# config: one flat block; defaults are the paper's (REFERENCE.md)
+# config: one flat block; defaults are the paper's
 
 
 class Parser(argparse.ArgumentParser):
@@ -122,7 +122,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--text-pool", nargs="+", default=[], help="prompt files added to the pool of paired captions")
     p.add_argument("--random-conditioning", action=on_off, default=True, help="off: plain distillation")
     p.add_argument("--rc-schedule", choices=SCHEDULES, default="exp", help="p(t) schedule")
-    p.add_argument("--rc-lambda", type=WEIGHT, default=5.0, help="lambda in p(t) = exp(-lambda (1 - t/T))")
+    p.add_argument(
+        "--rc-lambda", type=WEIGHT, help="lambda in p(t) = exp(-lambda (1 - t/T)); default 5 where p(t) reads it"
+    )
     p.add_argument("--null-prob", type=PROB, default=0.1, help="probability of the empty caption (for CFG)")
     # optimisation
     p.add_argument("--resolution", type=POSITIVE, help="training resolution in pixels; default: the teacher's")
@@ -170,6 +172,9 @@ def check_args(args, world_size: int) -> tuple[int, tuple[str, list] | None]:
     if args.student not in STUDENTS and not Path(args.student).exists():
         fail(f"unknown --student {args.student!r}; use one of {', '.join(STUDENTS)} or a path to a UNet config.json")
     check_teacher(args.teacher)
+    if args.rc_lambda is not None and (args.rc_schedule == "sigmoid" or not args.random_conditioning):
+        fail("--rc-lambda is not read by this p(t) (--rc-schedule sigmoid, or --no-random-conditioning); leave it out")
+    args.rc_lambda = 5.0 if args.rc_lambda is None else args.rc_lambda
     try:  # each pool file on its own, now: an empty or wrong one would otherwise surface after the cache build
         for f in args.text_pool:
             TextPool(Path(f))
@@ -285,8 +290,7 @@ def load_models(teacher: str, student: str, init: str | None, dtype: torch.dtype
         if kind not in ("StableDiffusionPipeline", "StableDiffusionXLPipeline"):
             raise ValueError(f"it holds a {kind}")
         if student in STUDENTS and student.startswith("koala_") != (kind == "StableDiffusionXLPipeline"):
-            which = "an SDXL" if kind == "StableDiffusionXLPipeline" else "a Stable Diffusion v1/v2"
-            fail(f"--student {student} does not fit {which} teacher; koala_* students need SDXL, the others SD v1/v2")
+            fail(f"--student {student} does not fit a {kind} teacher; koala_* students need SDXL, the others SD v1/v2")
         pipe = DiffusionPipeline.from_pretrained(teacher, **({} if "XL" in kind else NO_SAFETY_CHECKER))
     except (OSError, ValueError, TypeError) as e:
         why = str(e).strip().splitlines()[0]
@@ -308,12 +312,9 @@ def family(pipe) -> str:
 
 
 def encode_text(pipe, captions: list[str], resolution: int) -> dict:
-    """The UNet's conditioning keyword arguments for these captions, from the pipeline's own encode_prompt:
-    SD: the text encoder's last states (B, 77, D). SDXL: both encoders' penultimate states concatenated
-    (B, 77, 2048), plus added_cond_kwargs: the pooled text (B, 1280) and the time ids (original size,
-    crop corner, target size) of a square image at the training resolution, as the pipeline passes at that
-    size. The empty caption (the null condition) becomes zeros where the pipeline samples its unconditional
-    branch with zeros (SDXL's force_zeros_for_empty_prompt), so training sees what sampling will use."""
+    """The UNet's conditioning for these captions, by the pipeline's own encode_prompt. SDXL adds the pooled text
+    and the time ids of a square image at the training resolution. The null caption "" becomes zeros where the
+    pipeline samples its unconditional branch with zeros (force_zeros_for_empty_prompt): what sampling uses."""
     device = pipe.unet.device
     if family(pipe) == "sdxl":
         embeds, _, pooled, _ = pipe.encode_prompt(captions, device=device, do_classifier_free_guidance=False)
@@ -446,8 +447,9 @@ class Student(nn.Module):
         self.to(unet.device)
 
     def forward(self, noisy_latents, timesteps, encoder_hidden_states, added_cond_kwargs=None):
-        model_pred = self.unet(noisy_latents, timesteps, encoder_hidden_states, added_cond_kwargs=added_cond_kwargs)
-        model_pred = model_pred.sample  # (B, 4, h, w)
+        model_pred = self.unet(
+            noisy_latents, timesteps, encoder_hidden_states, added_cond_kwargs=added_cond_kwargs
+        ).sample
         loss_rel = loss_kd_feat = model_pred.new_zeros((), dtype=torch.float32)
         if self.rel:  # before loss(), which clears the stored activations
             loss_rel = relational_kd_loss(*self.distiller.features())  # (student, teacher) lists
@@ -551,8 +553,7 @@ def open_cache(args, source, pipe, resolution: int, latent_shape: tuple, rank: i
         kind, items = source
         digest = hashlib.sha256(json.dumps(items).encode()).hexdigest()
         made = {"source": kind, "list_sha256": digest, "teacher": args.teacher, "family": family(pipe)}
-        made["resolution"] = resolution
-        made["shard_size"] = args.shard_size
+        made |= {"resolution": resolution, "shard_size": args.shard_size}
         if kind == "prompts":  # what the cached latents are a function of
             made |= {"gen_steps": args.gen_steps, "gen_guidance": args.gen_guidance, "seed": args.seed}
         done = (data / "meta.json").is_file()
@@ -845,21 +846,29 @@ class Trainer:
             indices=indices, latents=latents, captions=captions, paired=paired, timesteps=timesteps, noise=noise
         )
 
-    def losses(self, batch: dict) -> dict[str, torch.Tensor]:
-        """Teacher and student on the same noisy latents and captions: each loss term and the weighted sum."""
-        args = self.args
+    def losses(self, micro_step: int) -> dict[str, torch.Tensor]:
+        """One micro-step of distillation, all of it on this page. With x_0 a cached latent and c its caption:
+            t ~ U{0, ..., T-1};  c <- a random pool caption with probability p(t), then "" with probability 0.1
+            x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps,  eps ~ N(0, I)
+            L = lambda_out |eps_S - eps_T|^2 + lambda_feat sum_l |P_l f_S^l - f_T^l|^2
+                (+ lambda_task |eps_S - eps|^2 over paired samples + lambda_rel L_RDD)
+        where eps_S, eps_T are the student's and the teacher's predictions on (x_t, t, c), f^l their features at
+        the hooked layers l and P_l a projection where widths differ. Returns each term, L and the swap rate."""
+        args, teacher = self.args, self.pipe.unet
+        batch = self.draw_batch(micro_step)  # x_0, t, the selected captions, paired flags, eps: one CPU stream
         latents, noise, timesteps = (batch[k].to(self.device) for k in ("latents", "noise", "timesteps"))
-        noisy_latents = self.noise_scheduler.add_noise(latents.float(), noise, timesteps)  # q(x_t | x_0)
+        noisy_latents = self.noise_scheduler.add_noise(latents.float(), noise, timesteps)  # x_t
         cond = self.encode(batch["captions"])  # encoder_hidden_states (B, 77, D) (+ SDXL's added_cond_kwargs)
+        # hooks on the feature layers of both models, live inside this block only
         with self.student.distiller if self.student.distiller is not None else contextlib.nullcontext():
             with torch.no_grad(), self.autocast:
-                teacher_pred = self.pipe.unet(noisy_latents, timesteps, **cond).sample
-            with self.autocast:
-                model_pred, loss_kd_feat, loss_rel = self.model(noisy_latents, timesteps, **cond)
+                teacher_pred = teacher(noisy_latents, timesteps, **cond).sample  # eps_T, (B, 4, h, w)
+            with self.autocast:  # the student (DDP-wrapped) computes its feature losses inside its own forward
+                model_pred, loss_kd_feat, loss_rel = self.model(noisy_latents, timesteps, **cond)  # eps_S, ...
         loss_kd_out = output_kd_loss(model_pred, teacher_pred)
+        paired = batch["paired"].to(self.device)
         loss_task = torch.zeros_like(loss_kd_out)
-        if args.lambda_task > 0:  # denoising loss over paired samples only
-            paired = batch["paired"].to(self.device)
+        if args.lambda_task > 0:  # the denoising loss, on the samples that kept their own caption
             target = noise  # epsilon prediction; SD 2 at 768 px predicts v
             if self.noise_scheduler.config.prediction_type == "v_prediction":
                 target = self.noise_scheduler.get_velocity(latents.float(), noise, timesteps)
@@ -867,29 +876,27 @@ class Trainer:
             loss_task = (per_sample * paired).sum() / paired.sum().clamp(min=1)
         loss = args.lambda_out * loss_kd_out + args.lambda_feat * loss_kd_feat
         loss = loss + args.lambda_task * loss_task + args.lambda_rel * loss_rel
-        return dict(
-            loss=loss, loss_kd_out=loss_kd_out, loss_kd_feat=loss_kd_feat, loss_task=loss_task, loss_rel=loss_rel
-        )
+        terms = dict(loss_kd_out=loss_kd_out, loss_kd_feat=loss_kd_feat, loss_task=loss_task, loss_rel=loss_rel)
+        return dict(loss=loss, **terms, rc_swap_rate=1 - paired.float().mean())  # swap rate: share of pool captions
 
-    def step(self) -> torch.Tensor:
-        """One optimizer step over grad_accum micro-steps; adds each loss term and the swap rate, averaged over
-        them, to self.logged. Returns the gradient norm."""
+    def step(self) -> None:
+        """One optimizer step over grad_accum micro-steps; adds each loss term, the swap rate and the gradient
+        norm, averaged over the micro-steps, to self.logged."""
         args, step = self.args, self.step_count
         for group in self.optimizer.param_groups:  # linear warm-up, then constant
             group["lr"] = args.lr * min(1.0, (step + 1) / max(args.warmup_steps, 1))
         for micro in range(self.grad_accum):
-            batch = self.draw_batch(step * self.grad_accum + micro)
             # gradients are all-reduced once per optimizer step, in the last micro-step's backward
             last = micro == self.grad_accum - 1
             with self.model.no_sync() if self.ddp and not last else contextlib.nullcontext():
-                losses = self.losses(batch)
+                losses = self.losses(step * self.grad_accum + micro)
                 self.scaler.scale(losses["loss"] / self.grad_accum).backward()
-            losses["rc_swap_rate"] = 1 - batch["paired"].float().mean().to(self.device)  # share of random captions
             for name, value in losses.items():
                 self.logged[name] = self.logged.get(name, 0) + value.detach() / self.grad_accum
         self.scaler.unscale_(self.optimizer)
         # the UNet only, as in the official trainer: the 1x1 projections are not clipped
         grad_norm = torch.nn.utils.clip_grad_norm_(self.student.unet.parameters(), args.max_grad_norm)
+        self.logged["grad_norm"] = self.logged.get("grad_norm", 0) + grad_norm.detach()  # inf: fp16 skipped a step
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -897,26 +904,23 @@ class Trainer:
             decay = min(args.ema_decay, (1 + step) / (10 + step))
             torch._foreach_lerp_(self.ema, self.weights, 1 - decay)
         self.step_count += 1
-        return grad_norm
 
-    def log(self, n_steps: int, seconds: float, grad_norm: float, bar) -> None:
+    def log(self, n_steps: int, seconds: float, bar) -> None:
         """One log.jsonl line: each logged value averaged over the last n_steps steps and the ranks."""
         step, values = self.step_count, torch.stack(list(self.logged.values()))
         if self.ddp:  # averaged over ranks, so every rank sees the same NaN and stops together
-            # The handle is kept so that this thread, not gloo's, drops the last reference to values: on gloo's
-            # thread that needs the GIL, which this thread holds while the process group ends (a hang at exit).
-            # The group ends when the trainer is freed, with self.model (DDP), set before this attribute.
+            # the handle is kept so that this thread, not gloo's, frees values (set after self.model: freed later)
             self.all_reduce = dist.all_reduce(values, async_op=True)
             self.all_reduce.wait()
         vals = self.last_logged = dict(zip(self.logged, (values / (n_steps * self.world_size)).tolist()))
         self.logged = {}
-        if not all(math.isfinite(v) for v in vals.values()):
+        if not all(math.isfinite(v) for k, v in vals.items() if k.startswith("loss")):
             bar.close()
             fix = "lower --lr or use --mixed-precision bf16"
             fail(f"loss is {vals['loss']} at step {step}; {fix} (checkpoints up to step {step - n_steps} are intact)")
         dt = seconds / n_steps
         lr = self.optimizer.param_groups[0]["lr"]  # the step's own: step() set it
-        rec = {"step": step, **vals, "lr": lr, "grad_norm": grad_norm, "step_time": dt}
+        rec = {"step": step, **vals, "lr": lr, "step_time": dt}
         rec["samples_per_s"] = self.args.total_batch_size / dt
         if self.rank == 0:
             with open(self.out / "log.jsonl", "a") as f:
@@ -988,12 +992,10 @@ class Trainer:
     def fit(self) -> None:
         args = self.args
         t_last, since = time.time(), 0
-        bar = tqdm(
-            total=args.max_steps, initial=self.step_count, desc="train", disable=self.rank != 0, dynamic_ncols=True
-        )
+        bar = tqdm(total=args.max_steps, initial=self.step_count, desc="train", disable=self.rank != 0)
         with StopSignals() as signals:
             while self.step_count < args.max_steps:
-                grad_norm = self.step()
+                self.step()
                 since += 1
                 bar.update(1)
                 stop = signals.signum
@@ -1004,7 +1006,7 @@ class Trainer:
                     stop = int(flag.item())
                 step, last = self.step_count, self.step_count == args.max_steps or stop > 0
                 if step % args.log_every == 0 or step % args.checkpoint_every == 0 or last:
-                    self.log(since, time.time() - t_last, float(grad_norm), bar)
+                    self.log(since, time.time() - t_last, bar)
                     t_last, since = time.time(), 0
                 if self.rank == 0 and (step % args.checkpoint_every == 0 or last):
                     self.save()
@@ -1045,11 +1047,9 @@ def summary(trainer: Trainer, seconds: float) -> None:
     losses = getattr(trainer, "last_logged", {})  # none when a finished run is resumed
     terms = "".join(f" | {k.removeprefix('loss_')} {v:.4f}" for k, v in losses.items() if k.startswith("loss"))
     print0(f"done: step {trainer.step_count}, {datetime.timedelta(seconds=round(seconds))} in this run{terms}")
-    size = f" --resolution {trainer.resolution}" if trainer.args.resolution else ""  # else the pipeline's own
-    print0(f"student pipeline in {trainer.out}; score it (PROMPTS: e.g. MS-COCO 30K captions, REF: FID statistics):")
-    print0(
-        f"python evaluate.py --model {trainer.out}{size} --prompts PROMPTS --ref REF.npz --out-dir {trainer.out}_eval"
-    )
+    out, size = trainer.out, f" --resolution {trainer.resolution}" if trainer.args.resolution else ""
+    print0(f"student pipeline in {out}; score it (PROMPTS: e.g. MS-COCO 30K captions, REF: FID statistics):")
+    print0(f"python evaluate.py --model {out}{size} --prompts PROMPTS --ref REF.npz --out-dir {out}_eval")
 
 
 def train(args) -> nn.Module | None:

@@ -448,6 +448,24 @@ def test_random_conditioning_flags_reach_the_step(tiny_sd, cache, tmp_path, flag
     assert [r["rc_swap_rate"] for r in log] == [rate, rate]
 
 
+def test_rc_lambda_is_refused_where_p_t_does_not_read_it(tiny_sd, cache, tmp_path):
+    for flags in (["--rc-schedule", "sigmoid"], ["--no-random-conditioning"]):
+        msg = error_of(tiny_sd, cache, tmp_path / "o", *flags, "--rc-lambda", "3", "--max-steps", "1")
+        assert "--rc-lambda is not read by this p(t)" in msg
+
+
+def test_logged_grad_norm_is_the_mean_over_the_logging_window(tiny_sd, cache, tmp_path):
+    common = ["--max-steps", "2", "--lambda-feat", "0", "--no-ema"]
+    run_inproc(tiny_sd, cache, tmp_path / "each", *common, "--log-every", "1")
+    run_inproc(tiny_sd, cache, tmp_path / "both", *common, "--log-every", "2")
+    each, both = (
+        [json.loads(x) for x in (tmp_path / d / "log.jsonl").read_text().splitlines()] for d in ("each", "both")
+    )
+    assert len(each) == 2 and len(both) == 1 and each[0]["grad_norm"] != each[1]["grad_norm"]
+    assert both[0]["grad_norm"] == pytest.approx((each[0]["grad_norm"] + each[1]["grad_norm"]) / 2, rel=1e-5)
+    assert both[0]["loss"] == pytest.approx((each[0]["loss"] + each[1]["loss"]) / 2, rel=1e-5)
+
+
 def test_bk_tiny_trains_with_its_shorter_feature_pairs(tiny_sd, cache, tmp_path):
     run_inproc(
         tiny_sd, cache, tmp_path / "o", "--student", "bk_tiny", "--max-steps", "2", "--lambda-rel", "1", "--no-ema"
@@ -509,6 +527,7 @@ def test_help_lists_the_flags(capsys):
         "--images",
         "--text-pool",
         "--resolution",
+        "--rc-lambda",
         "--output-dir",
         "--resume",
     }
