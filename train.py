@@ -164,8 +164,7 @@ def fail(message: str):
 
 
 def check_args(args, world_size: int) -> tuple[int, tuple[str, list] | None]:
-    """The checks that need more than one flag or a file, before any slow work. Returns the gradient
-    accumulation and the list the cache is built from: ("prompts" or "images", the list), or None."""
+    """Multi-flag and file checks before slow work. Returns (grad accumulation, ("prompts"|"images", list) or None)."""
     per_step = args.batch_size * world_size
     if args.total_batch_size % per_step:
         fail(f"--total-batch-size {args.total_batch_size} is not a multiple of --batch-size x processes = {per_step}")
@@ -280,9 +279,8 @@ def print0(*args, **kwargs) -> None:
 
 
 def load_models(teacher: str, student: str, init: str | None, dtype: torch.dtype, device: torch.device):
-    """(teacher pipeline, student UNet in fp32, {student layer: teacher layer} for feature KD).
-    The student is copied from the teacher's full-precision weights; only then is the frozen teacher
-    cast to dtype (BK-SDM does the same: a copy of cast weights would start the student rounded)."""
+    """(teacher pipeline, student UNet in fp32, {student layer: teacher layer}). The student copies the teacher's fp32
+    weights before the frozen teacher is cast to dtype (as in BK-SDM: copied cast weights would start it rounded)."""
     from diffusers import DiffusionPipeline, PNDMScheduler
 
     try:
@@ -312,19 +310,15 @@ def family(pipe) -> str:
 
 
 def encode_text(pipe, captions: list[str], resolution: int) -> dict:
-    """The UNet's conditioning for these captions, by the pipeline's own encode_prompt. SDXL adds the pooled text
-    and the time ids of a square image at the training resolution. The null caption "" becomes zeros where the
-    pipeline samples its unconditional branch with zeros (force_zeros_for_empty_prompt): what sampling uses."""
+    """The UNet's conditioning, by the pipeline's own encode_prompt; SDXL adds the pooled text and the time ids of a
+    square image at the training resolution; "" is zeros where sampling uses zeros (force_zeros_for_empty_prompt)."""
     device = pipe.unet.device
-    if family(pipe) == "sdxl":
-        embeds, _, pooled, _ = pipe.encode_prompt(captions, device=device, do_classifier_free_guidance=False)
-    else:
-        (embeds, _), pooled = pipe.encode_prompt(captions, device, 1, do_classifier_free_guidance=False), None
+    if family(pipe) == "sd":
+        return dict(encoder_hidden_states=pipe.encode_prompt(captions, device, 1, do_classifier_free_guidance=False)[0])
+    embeds, _, pooled, _ = pipe.encode_prompt(captions, device=device, do_classifier_free_guidance=False)
     if pipe.config.get("force_zeros_for_empty_prompt"):
         keep = torch.tensor([c != "" for c in captions], device=device)
         embeds, pooled = embeds * keep[:, None, None], pooled * keep[:, None]
-    if pooled is None:
-        return dict(encoder_hidden_states=embeds)
     time_ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]] * len(captions), device=device)
     added = dict(text_embeds=pooled, time_ids=time_ids.to(embeds.dtype))
     return dict(encoder_hidden_states=embeds, added_cond_kwargs=added)
@@ -343,11 +337,10 @@ def student_config(teacher_config: dict, name: str) -> dict:
         cfg["layers_per_block"] = 1  # one resnet (+ attention) per stage instead of two
         if name in ("bk_small", "bk_tiny"):
             cfg["mid_block_type"] = None
-        if name == "bk_tiny":  # drop the lowest-resolution stage: the last down stage, the first up stage
-            cfg["down_block_types"] = list(cfg["down_block_types"])[:-1]
+        if name == "bk_tiny":  # drop the lowest-resolution stage: the first up stage, the last down stage
             cfg["up_block_types"] = list(cfg["up_block_types"])[1:]
-            # the other per-stage lists are indexed by down stage (up stages read them reversed), so
-            # dropping the last entry keeps every surviving stage's settings
+            # the other per-stage lists, down_block_types too, are indexed by down stage (up stages read them
+            # reversed), so dropping the last entry keeps every surviving stage's settings
             for key, value in cfg.items():
                 if isinstance(value, (list, tuple)) and len(value) == n_blocks:
                     cfg[key] = list(value)[:-1]
@@ -391,14 +384,10 @@ def build_student(teacher_unet: nn.Module, spec: str, init: str | None):
     if init == "teacher":
         if spec in C_WIDTHS:
             fail(f"--student {spec} is narrower than the teacher and cannot copy its weights; use --init random")
-        t_state = teacher_unet.state_dict()
-        state, missing = {}, []
-        for k, v in student.state_dict().items():
-            tk = teacher_name(k, spec) if spec in STUDENTS else k
-            if tk in t_state and t_state[tk].shape == v.shape:
-                state[k] = t_state[tk].float()
-            else:
-                missing.append(k)
+        t_state, s_state = teacher_unet.state_dict(), student.state_dict()
+        src = {k: teacher_name(k, spec) if spec in STUDENTS else k for k in s_state}  # student name: teacher name
+        state = {k: t_state[t].float() for k, t in src.items() if t in t_state and t_state[t].shape == s_state[k].shape}
+        missing = [k for k in s_state if k not in state]
         if spec in STUDENTS and missing:  # our own derivation must map every weight
             raise RuntimeError(f"teacher init left {len(missing)} student weights unmapped, e.g. {missing[:3]}")
         student.load_state_dict(state, strict=False)
@@ -413,16 +402,13 @@ def build_student(teacher_unet: nn.Module, spec: str, init: str | None):
     elif spec in C_WIDTHS:
         layers = {name: name for name in C_LAYERS}
     else:  # stage outputs, as published for bk_base / bk_small
-        n_down = min(len(student.down_blocks), len(teacher_unet.down_blocks))
-        n_up = min(len(student.up_blocks), len(teacher_unet.up_blocks))
-        layers = {f"down_blocks.{i}": f"down_blocks.{i}" for i in range(n_down)}
-        layers |= {f"up_blocks.{i}": f"up_blocks.{i}" for i in range(n_up)}
+        n = {b: min(len(getattr(student, b)), len(getattr(teacher_unet, b))) for b in ("down_blocks", "up_blocks")}
+        layers = {f"{b}.{i}": f"{b}.{i}" for b, n_b in n.items() for i in range(n_b)}
     return student, layers
 
 
 class Student(nn.Module):
-    """What DDP wraps: the student UNet and the feature distiller (its 1x1 projections), so one forward uses
-    every trainable parameter and DDP reduces them all in one backward."""
+    """What DDP wraps: the student UNet and its 1x1 feature projections, so one forward uses every trainable weight."""
 
     def __init__(self, args, pipe, unet: nn.Module, layers: dict, latent_shape: tuple, cond: dict, autocast):
         super().__init__()
@@ -446,10 +432,8 @@ class Student(nn.Module):
             compile_blocks(unet, pipe.unet, layers)
         self.to(unet.device)
 
-    def forward(self, noisy_latents, timesteps, encoder_hidden_states, added_cond_kwargs=None):
-        model_pred = self.unet(
-            noisy_latents, timesteps, encoder_hidden_states, added_cond_kwargs=added_cond_kwargs
-        ).sample
+    def forward(self, noisy_latents, timesteps, **cond):  # cond: encoder_hidden_states (+ added_cond_kwargs)
+        model_pred = self.unet(noisy_latents, timesteps, **cond).sample
         loss_rel = loss_kd_feat = model_pred.new_zeros((), dtype=torch.float32)
         if self.rel:  # before loss(), which clears the stored activations
             loss_rel = relational_kd_loss(*self.distiller.features())  # (student, teacher) lists
@@ -532,8 +516,7 @@ def read_image_captions(folder: str) -> list[tuple[str, str]]:
 
 
 def atomic_save(path: Path, content) -> None:
-    """content (text, or a function that writes to a binary file) goes to a temporary file, flushed to disk,
-    then renamed over path: a crash leaves the old file or the new one, never half of one."""
+    """content (text, or a function writing a binary file) to a synced file renamed over path: never half a file."""
     tmp = path.with_name(f"{path.name}.{os.getpid()}.{os.urandom(6).hex()}.tmp")  # unique across ranks and hosts
     with open(tmp, "wb") as f:
         if isinstance(content, str):
@@ -546,8 +529,7 @@ def atomic_save(path: Path, content) -> None:
 
 
 def open_cache(args, source, pipe, resolution: int, latent_shape: tuple, rank: int, world_size: int) -> "LatentCache":
-    """Refuse a cache made from another list; build it when missing, as shards latents-XXXXX.npy +
-    captions-XXXXX.json split across ranks (finished shards are kept, so a build resumes); open it."""
+    """Refuse a cache made from another list; build a missing one in shards split across ranks (resumable); open it."""
     data = Path(args.data)
     if source is not None:
         kind, items = source
@@ -607,14 +589,13 @@ def encode_shard(items, kind, pipe, args, resolution, start: int) -> np.ndarray:
     from PIL import Image, ImageOps
 
     device, out = pipe.unet.device, []
-    sampling = dict(height=resolution, width=resolution, num_inference_steps=args.gen_steps)
+    sampling = dict(height=resolution, width=resolution, num_inference_steps=args.gen_steps, output_type="latent")
     for i in range(0, len(items), args.batch_size):
         batch = items[i : i + args.batch_size]
         if kind == "prompts":
             # one fixed seed per prompt (seed + its index), so the cache does not depend on sharding
             gens = [torch.Generator(device).manual_seed(args.seed + start + i + j) for j in range(len(batch))]
-            sample = pipe(batch, **sampling, guidance_scale=args.gen_guidance, generator=gens, output_type="latent")
-            latents = sample.images
+            latents = pipe(batch, **sampling, guidance_scale=args.gen_guidance, generator=gens).images
         else:
             images = [Image.open(Path(args.images) / file).convert("RGB") for file, _ in batch]
             # the largest centred square, resized to the training resolution
@@ -680,10 +661,9 @@ class ShardedSampler:
 
 
 def draw_generator(seed: int, rank: int, world_size: int, micro_step: int) -> torch.Generator:
-    """The CPU random stream of one (seed, global rank, micro-step): the same draws on every accelerator.
-    torch's CPU generator (mt19937) keeps 32 bits of its seed, so hashed seeds would collide after some
-    10^5 streams (birthday bound). Numbered micro_step * world_size + rank from a start scrambled from
-    --seed, no stream repeats in a run under 2^32 rank-micro-steps, and resume replays them."""
+    """The CPU random stream of one (seed, global rank, micro-step): the same draws on every accelerator. torch's CPU
+    generator (mt19937) keeps 32 bits of its seed: hashed seeds would collide after some 10^5 streams (birthday bound).
+    Numbered from a start scrambled from --seed, no stream repeats under 2^32 rank-micro-steps; resume replays them."""
     start = int(np.random.SeedSequence(seed).generate_state(1)[0])
     return torch.Generator().manual_seed((start + micro_step * world_size + rank) % 2**32)
 
@@ -720,8 +700,7 @@ def run_identity(args, world_size: int) -> dict:
 
 
 def find_checkpoint(args, world_size: int) -> Path:
-    """The named checkpoint, or the newest intact one in --output-dir (a damaged newer one is named and
-    skipped, never trained on), written by a run like this one."""
+    """The named checkpoint, or the newest intact one in --output-dir (a damaged one is named, never trained on)."""
     folder = Path(args.output_dir) / "checkpoints"
     named = args.resume != "latest"
     for path in [Path(args.resume)] if named else sorted(folder.glob("step-*.pt"), reverse=True):
@@ -740,10 +719,8 @@ def find_checkpoint(args, world_size: int) -> Path:
 
 
 def export(pipe, unet, ema_params, args, out: Path) -> None:
-    """unet/ (EMA weights when EMA is on, as BK-SDM publishes; raw ones in unet_no_ema/) inside the
-    teacher's own pipeline of the teacher's class (its fp32 VAE, text encoders, tokenizers, scheduler): a
-    folder that DiffusionPipeline.from_pretrained loads and samples, SDXL included. Written beside, then
-    moved in part by part, so a crash here leaves the checkpoints and any older export intact."""
+    """unet/ (EMA weights when EMA is on, as BK-SDM publishes; raw ones in unet_no_ema/) in the teacher's pipeline,
+    which DiffusionPipeline.from_pretrained loads. Written beside, then moved in: a crash leaves an older one intact."""
     from diffusers import UNet2DConditionModel
 
     tmp = out / ".export.tmp"
@@ -769,8 +746,7 @@ def export(pipe, unet, ema_params, args, out: Path) -> None:
 
 
 class Trainer:
-    """One run. __init__ is the setup: every check that needs no model first, then teacher and student,
-    the latent cache, the optimizer and the resume. step() is one optimizer step, fit() the loop."""
+    """One run: __init__ the setup (the checks that need no model first), step() one optimizer step, fit() the loop."""
 
     def __init__(self, args, ddp: bool, rank: int, world_size: int, device: torch.device):
         self.args, self.ddp, self.rank, self.world_size, self.device = args, ddp, rank, world_size, device
@@ -824,7 +800,7 @@ class Trainer:
             self.model = DDP(self.student, device_ids=[device.index] if cuda else None, gradient_as_bucket_view=True)
         if rank == 0:
             ran = {"device": device.type, "processes": world_size, "threads": torch.get_num_threads()}
-            ran["precision"] = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "fp32")  # CPU: fp32
+            ran["precision"] = args.mixed_precision if dtype else "fp32"  # CPU, or --mixed-precision no
             (self.out / "args.json").write_text(json.dumps(vars(args) | {"ran": ran}, indent=1))
         batch = f"{world_size} processes x batch {args.batch_size} x {self.grad_accum} accumulation"
         print0(f"{batch} = {args.total_batch_size} per step, {args.max_steps} steps on {device.type}, autocast {dtype}")
@@ -880,15 +856,13 @@ class Trainer:
         return dict(loss=loss, **terms, rc_swap_rate=1 - paired.float().mean())  # swap rate: share of pool captions
 
     def step(self) -> None:
-        """One optimizer step over grad_accum micro-steps; adds each loss term, the swap rate and the gradient
-        norm, averaged over the micro-steps, to self.logged."""
+        """One optimizer step of grad_accum micro-steps; adds the losses, swap rate and grad norm to self.logged."""
         args, step = self.args, self.step_count
         for group in self.optimizer.param_groups:  # linear warm-up, then constant
             group["lr"] = args.lr * min(1.0, (step + 1) / max(args.warmup_steps, 1))
         for micro in range(self.grad_accum):
             # gradients are all-reduced once per optimizer step, in the last micro-step's backward
-            last = micro == self.grad_accum - 1
-            with self.model.no_sync() if self.ddp and not last else contextlib.nullcontext():
+            with self.model.no_sync() if self.ddp and micro < self.grad_accum - 1 else contextlib.nullcontext():
                 losses = self.losses(step * self.grad_accum + micro)
                 self.scaler.scale(losses["loss"] / self.grad_accum).backward()
             for name, value in losses.items():
@@ -920,8 +894,7 @@ class Trainer:
             fail(f"loss is {vals['loss']} at step {step}; {fix} (checkpoints up to step {step - n_steps} are intact)")
         dt = seconds / n_steps
         lr = self.optimizer.param_groups[0]["lr"]  # the step's own: step() set it
-        rec = {"step": step, **vals, "lr": lr, "step_time": dt}
-        rec["samples_per_s"] = self.args.total_batch_size / dt
+        rec = {"step": step, **vals, "lr": lr, "step_time": dt, "samples_per_s": self.args.total_batch_size / dt}
         if self.rank == 0:
             with open(self.out / "log.jsonl", "a") as f:
                 f.write(json.dumps(rec) + "\n")
@@ -946,8 +919,7 @@ class Trainer:
             old.unlink()
 
     def load(self, path: Path) -> None:
-        """Weights, optimizer, scaler, EMA, step. The data position and every random draw are functions of
-        the step (ShardedSampler, draw_generator), so nothing else is needed for an exact resume."""
+        """Weights, optimizer, scaler, EMA, step: all an exact resume needs, as data and every draw follow the step."""
         ckpt = torch.load(path, map_location=self.device, weights_only=True)
         try:
             self.student.load_state_dict(ckpt["model"])
@@ -971,8 +943,7 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self) -> None:
-        """A grid of the fixed validation prompts, fixed seeds, so grids compare across steps and runs; sampled
-        by the teacher's pipeline class holding the student, as the exported folder will be."""
+        """The validation prompts, fixed seeds (grids compare across steps and runs), sampled as the export will be."""
         from PIL import Image
 
         pipe = type(self.pipe).from_pipe(self.pipe, unet=self.student.unet)
@@ -990,8 +961,7 @@ class Trainer:
         atomic_save(path, lambda f: Image.fromarray(grid).save(f, format="PNG"))
 
     def fit(self) -> None:
-        args = self.args
-        t_last, since = time.time(), 0
+        args, t_last, since = self.args, time.time(), 0
         bar = tqdm(total=args.max_steps, initial=self.step_count, desc="train", disable=self.rank != 0)
         with StopSignals() as signals:
             while self.step_count < args.max_steps:
