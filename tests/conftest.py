@@ -13,6 +13,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import pytest  # noqa: E402
 
+# The documentation: every command in it is checked against its script (test_readme.py)
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "bench" / "README.md"]
+
 # The official MNIST test split (MD5-checked by the tests); tests that need it skip without it.
 MNIST_DIR = Path(os.environ.get("RANDCOND_MNIST_DIR", ROOT.parent / "shared" / "data" / "mnist"))
 

@@ -677,11 +677,10 @@ def test_one_and_two_processes_agree(tiny_sd, tmp_path, prompt_file):
 
 @pytest.mark.slow
 def test_readme_offline_walkthrough_runs_as_written(tiny_sd, tmp_path):
-    """The evaluate.py section's 'Try it on the CPU' block, verbatim, on a pipeline folder shaped like the one
+    """docs/evaluate.md's 'Try it on the CPU' block, verbatim, on a pipeline folder shaped like the one
     train.py's CPU walk-through saves (runs/tiny_student) and its prompt file."""
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    section = readme[readme.index("## evaluate.py: FID, IS and CLIP score") :]
-    section = section[section.index("### Try it on the CPU") :]
+    doc = (ROOT / "docs" / "evaluate.md").read_text(encoding="utf-8")
+    section = doc[doc.index("### Try it on the CPU") :]
     block = re.sub(r"\\\n\s*", " ", re.findall(r"```bash\n(.*?)```", section, flags=re.S)[0])
     for name in ("evaluate.py", "tests"):
         (tmp_path / name).symlink_to(ROOT / name)

@@ -12,7 +12,7 @@ import threading
 import numpy as np
 import pytest
 import torch
-from conftest import MNIST_DIR, ROOT
+from conftest import DOCS, MNIST_DIR, ROOT
 
 import toy_mnist as tm
 
@@ -364,7 +364,7 @@ def test_quick_ablation_and_learning_curve(tmp_path):
 
 
 def test_readme_ablation_commands_parse(tmp_path, monkeypatch):
-    """Every README line that runs bench/toy_ablation.py parses: its own flags, the rest are toy_mnist.py's."""
+    """Every line of the docs that runs bench/toy_ablation.py parses: its own flags, the rest are toy_mnist.py's."""
     sys.path.insert(0, str(ROOT / "bench"))
     import toy_ablation
 
@@ -375,7 +375,8 @@ def test_readme_ablation_commands_parse(tmp_path, monkeypatch):
         raise Parsed
 
     monkeypatch.setattr(toy_ablation.tm, "load_mnist", stop)  # stop after parsing: no data, no training
-    lines = [line for line in (ROOT / "README.md").read_text().splitlines() if line.startswith("python bench/toy_abl")]
+    text = "\n".join(doc.read_text(encoding="utf-8") for doc in DOCS)
+    lines = [line for line in text.splitlines() if line.startswith("python bench/toy_abl")]
     assert lines
     for line in lines:
         argv = line.split("#")[0].split("toy_ablation.py", 1)[1].replace("DIR", str(tmp_path)).split()
