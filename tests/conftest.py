@@ -17,7 +17,7 @@ import pytest  # noqa: E402
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "bench" / "README.md"]
 
 # The official MNIST test split (MD5-checked by the tests); tests that need it skip without it.
-MNIST_DIR = Path(os.environ.get("RANDCOND_MNIST_DIR", ROOT.parent / "shared" / "data" / "mnist"))
+MNIST_DIR = Path(os.environ.get("RANDCOND_MNIST_DIR", ROOT / "data" / "mnist"))
 
 
 @pytest.fixture(scope="session")

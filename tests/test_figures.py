@@ -65,7 +65,7 @@ def test_log_without_records_and_bad_usage_are_one_line_errors(tmp_path):
 
 
 @pytest.mark.skipif(
-    not (MNIST_DIR / "t10k-images-idx3-ubyte.gz").exists(), reason="shared MNIST test split not present"
+    not (MNIST_DIR / "t10k-images-idx3-ubyte.gz").exists(), reason="no MNIST test split in RANDCOND_MNIST_DIR"
 )
 def test_quick_condition_influence(tmp_path, capsys):
     """The quick mode: a tiny toy teacher and judge (trained into --out), 16 held-out digits denoised from 3 noise

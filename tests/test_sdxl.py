@@ -15,7 +15,7 @@ from tiny_sdxl import SDXL_UNET
 
 import train
 
-# REFERENCE: the KOALA model card's UNet sizes, equal to diffusers models built from these configs
+# the KOALA model card's UNet sizes, equal to diffusers models built from these configs
 KOALA_PARAMS = {"koala_1b": 1_161_184_324, "koala_700m": 782_822_724}
 
 

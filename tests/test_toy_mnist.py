@@ -17,7 +17,7 @@ from conftest import DOCS, MNIST_DIR, ROOT
 import toy_mnist as tm
 
 needs_mnist = pytest.mark.skipif(
-    not (MNIST_DIR / "t10k-images-idx3-ubyte.gz").exists(), reason="shared MNIST test split not present"
+    not (MNIST_DIR / "t10k-images-idx3-ubyte.gz").exists(), reason="no MNIST test split in RANDCOND_MNIST_DIR"
 )
 TEST_SPLIT = ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 

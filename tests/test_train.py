@@ -131,7 +131,7 @@ SD14_UNET = {  # CompVis/stable-diffusion-v1-4 unet/config.json
     "sample_size": 64,
     "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
 }
-# UNet parameters in billions, REFERENCE.md (BK-SDM / the paper); c_* are given as approximate there
+# UNet parameters in billions as published (BK-SDM / the paper); c_* are given as approximate there
 PUBLISHED = {
     "teacher": 0.86,
     "bk_base": 0.58,
@@ -218,7 +218,7 @@ UP_PATH = {
     },
 }
 UP_PATH["bk_small"] = UP_PATH["bk_base"]
-C_LAYERS = [  # REFERENCE.md: the official trainer's 9 feature-KD layers of the C-series
+C_LAYERS = [  # the official trainer's 9 feature-KD layers of the C-series
     "up_blocks.0.upsamplers.0.conv",
     "up_blocks.1.upsamplers.0.conv",
     "up_blocks.2.upsamplers.0.conv",
