@@ -132,7 +132,7 @@ def estimate(name: str) -> list[dict]:
     fixed |= {"VAE, fp32": 4 * n["vae"], "student weights cast to fp16": nbytes(trace.copies)}
     recipe, rows = f"{'SDXL' if sdxl else 'SD v1.4'} {8 * side} px x {batch}", []
     for ckpt, act in ((False, plain), (True, gc + max(trace.own))):  # + one block's own, recomputed in the backward
-        b = fixed | {"activations kept for backward": act, "feature KD: features + fp32 copies": kd[ckpt]}
+        b = fixed | {"activations kept for backward": act, "feature KD: features + fp32 differences": kd[ckpt]}
         rows.append(dict(student=name, recipe=recipe, checkpointing=ckpt, params=n, bytes=b, total=sum(b.values())))
     return rows
 
