@@ -287,9 +287,10 @@ def load_models(teacher: str, student: str, init: str | None, dtype: torch.dtype
         kind = DiffusionPipeline.load_config(teacher).get("_class_name")
         if kind not in ("StableDiffusionPipeline", "StableDiffusionXLPipeline"):
             raise ValueError(f"it holds a {kind}")
-        if student in STUDENTS and student.startswith("koala_") != (kind == "StableDiffusionXLPipeline"):
+        xl = kind == "StableDiffusionXLPipeline"
+        if student in STUDENTS and student.startswith("koala_") != xl:
             fail(f"--student {student} does not fit a {kind} teacher; koala_* students need SDXL, the others SD v1/v2")
-        pipe = DiffusionPipeline.from_pretrained(teacher, **({} if "XL" in kind else NO_SAFETY_CHECKER))
+        pipe = DiffusionPipeline.from_pretrained(teacher, **({} if xl else NO_SAFETY_CHECKER))
     except (OSError, ValueError, TypeError) as e:
         why = str(e).strip().splitlines()[0]
         fail(f"--teacher {teacher} is not a loadable diffusers Stable Diffusion or SDXL pipeline: {why}")
@@ -572,13 +573,12 @@ def open_cache(args, source, pipe, resolution: int, latent_shape: tuple, rank: i
             if dist.is_initialized():
                 dist.barrier()
     cache = LatentCache(data)
-    meta = cache.meta
+    meta, fam = cache.meta, family(pipe)
     have = (meta.get("family", "sd"), meta["resolution"], tuple(meta["latent_shape"]))  # "sd": made before SDXL
-    if have != (family(pipe), resolution, latent_shape):  # never train one family on the other's latents
-        same = have[0] == family(pipe)
-        fix = f"set --resolution {meta['resolution']} or use a new --data" if same else "use a new --data"
+    if have != (fam, resolution, latent_shape):  # never train one family on the other's latents
+        fix = f"set --resolution {meta['resolution']} or use a new --data" if have[0] == fam else "use a new --data"
         made = f"cache {data} holds {have[0]} latents of shape {have[2]} at {have[1]}px"
-        fail(f"{made}; the {family(pipe)} teacher at {resolution}px needs {latent_shape}; {fix}")
+        fail(f"{made}; the {fam} teacher at {resolution}px needs {latent_shape}; {fix}")
     print0(f"paired data: {len(cache)} cached latents {latent_shape} from {cache.meta['source']}")
     return cache
 
